@@ -1,0 +1,1 @@
+"""LoraCast's hypernetworks: text (a task description) in, LoRA adapters out."""

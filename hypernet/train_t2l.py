@@ -1,0 +1,167 @@
+"""Train Text-to-LoRA (or the multi-task LoRA baseline) by SFT through the frozen base model.
+
+Each step draws examples from random training tasks; every example gets the adapter the
+hypernetwork generates from (a variant of) its task's description, and the loss is the base
+model's cross-entropy on the answer tokens. Only the hypernetwork learns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hypernet import checkpoint
+from hypernet.encoder import DescriptionEncoder
+from hypernet.sni_data import collate, data_hash, description_variants, encode_example, load_tasks, user_turn
+from hypernet.t2l import MultiTaskLoRA, T2LConfig, TextToLoRA
+from loracast import base_model
+from loracast.lora import LoraSpec, inject, set_adapter, targets_of
+
+
+@dataclass
+class TrainArgs:
+    kind: str  # "t2l" or "mtl"
+    data_dir: Path
+    out: Path
+    work_dir: Path
+    base: str = base_model.DEFAULT_BASE
+    encoder: str = "minilm"
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    r: int = 8
+    steps: int = 800
+    batch_size: int = 8
+    lr: float = 3e-4
+    warmup: int = 30
+    max_len: int = 128
+    variants: int = 8
+    embed_noise: float = 0.02
+    seed: int = 0
+    checkpoint_every: int = 100
+    threads: int | None = None
+
+
+def build_model(kind: str, embed_dim: int, spec: LoraSpec, model: torch.nn.Module) -> TextToLoRA | MultiTaskLoRA:
+    targets = targets_of(model, spec)
+    cfg = T2LConfig(
+        embed_dim=embed_dim,
+        num_layers=targets.num_layers,
+        shapes={m: (s.in_features, s.out_features) for m, s in targets.shapes.items()},
+        r=spec.r,
+        alpha=spec.alpha,
+        use_rslora=spec.use_rslora,
+    )
+    return TextToLoRA(cfg) if kind == "t2l" else MultiTaskLoRA(cfg)
+
+
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on answer tokens, projecting only those positions through the LM head.
+
+    Answers are a few tokens of sequences of ~100, so this skips most of the 49k-wide head.
+    """
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(args: TrainArgs) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    base = base_model.load(args.base)
+    tok = base.tokenizer
+    spec = LoraSpec(tuple(args.target_modules), args.r, 2.0 * args.r, True)
+    wrappers = inject(base.model, spec)
+    tasks = load_tasks(args.data_dir, "train")
+
+    # Examples longer than max_len are left out rather than cut: padding to one long example
+    # would cost more than the rest of the batch, and a cut prompt loses the chat template.
+    encoded = []
+    for task in tasks:
+        fits = [
+            e
+            for i in task.instances
+            if len((e := encode_example(tok, user_turn(i.input), i.output, 10**6))[0]) <= args.max_len
+        ]
+        encoded.append(
+            fits or [encode_example(tok, user_turn(task.instances[0].input), task.instances[0].output, args.max_len)]
+        )
+    encoder = DescriptionEncoder(args.encoder, base)
+    variant_emb = [encoder(description_variants(t.definition, args.variants, rng)) for t in tqdm(tasks, desc="embed")]
+    hyper = build_model(args.kind, encoder.dim, spec, base.model)
+    opt = torch.optim.AdamW(hyper.parameters(), lr=args.lr, weight_decay=0.01)
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    state_path = args.work_dir / f"{args.kind}-state.pt"
+    log: list[dict] = []
+    start = 0
+    if state := checkpoint.load_state(state_path):
+        hyper.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start, log = state["step"], state["log"]
+
+    hyper.train()
+    t0 = time.time()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"train {args.kind}")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        picks = [rng.randrange(len(tasks)) for _ in range(args.batch_size)]
+        examples, embs = [], []
+        for ti in picks:
+            examples.append(rng.choice(encoded[ti]))
+            embs.append(variant_emb[ti][rng.randrange(args.variants)])
+        batch = collate(examples, tok.pad_token_id or 0)
+        emb = torch.stack(embs)
+        emb = emb + args.embed_noise * torch.randn_like(emb)
+        set_adapter(wrappers, hyper(emb))
+        loss = answer_loss(base.model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hyper.parameters(), 1.0)
+        opt.step()
+        set_adapter(wrappers, None)
+        log.append({"step": step + 1, "loss": round(loss.item(), 4)})
+        recent = [e["loss"] for e in log[-50:]]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+            state = {
+                "model": hyper.state_dict(),
+                "opt": opt.state_dict(),
+                "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "step": step + 1,
+                "log": log,
+            }
+            checkpoint.save_state(state_path, state)
+
+    meta = {
+        "hypernet_version": checkpoint.HYPERNET_VERSION,
+        "encoder": args.encoder,
+        "base_fingerprint": base.fingerprint,
+        "data_sha256": data_hash(args.data_dir, "train"),
+        "train_args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "final_loss_50": sum(e["loss"] for e in log[-50:]) / max(1, len(log[-50:])),
+        "wall_s_this_run": round(time.time() - t0, 1),
+    }
+    checkpoint.save(args.out, hyper.eval(), meta)
+    (args.work_dir / f"{args.kind}-log.json").write_text(json.dumps(log))
+    return meta
