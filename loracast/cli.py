@@ -39,8 +39,9 @@ def _data_dir(value: str | None) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from hypernet.generate import TextToLoRAGenerator
+    from hypernet.generate import TextToLoRAGenerator, check_description
 
+    check_description(args.description)  # fail fast, before loading anything
     t0 = time.perf_counter()
     generator = TextToLoRAGenerator(Path(args.checkpoint))
     out = generator.save(args.description, Path(args.out), args.base)
@@ -183,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     from loracast.base_model import BaseModelError
 
     args = parser().parse_args(argv)
+    # Library progress bars and notices would bury our one-line results and errors.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         args.func(args)
     except (InputError, AdapterError, CheckpointError, BaseModelError, DataError) as exc:

@@ -69,3 +69,23 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for t in items:
             (root / "sni" / split / f"{t['task']}.json").write_text(json.dumps(t))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_t2l(tiny_base_dir: Path, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A T2L checkpoint for the tiny Llama, trained for a few steps by the real training loop."""
+    from hypernet.train_t2l import TrainArgs, train
+
+    work = tmp_path_factory.mktemp("t2l-run")
+    args = TrainArgs(
+        kind="t2l",
+        data_dir=tiny_data_dir,
+        out=work / "t2l.safetensors",
+        work_dir=work,
+        base=str(tiny_base_dir),
+        steps=3,
+        batch_size=2,
+        warmup=1,
+    )
+    train(args)
+    return args.out
