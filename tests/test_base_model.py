@@ -20,5 +20,5 @@ def test_fingerprint_is_stable_and_sees_every_weight(tiny_base, tiny_base_dir):
 
 
 def test_a_path_without_a_model_is_a_clear_error(tmp_path):
-    with pytest.raises(base_model.BaseModelError, match="no config.json"):
+    with pytest.raises(base_model.BaseModelError, match=r"no config\.json"):
         base_model.load(str(tmp_path))
