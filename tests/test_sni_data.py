@@ -1,0 +1,51 @@
+"""SNI data: the prompt contract, answer-only labels, description variants, scoring."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from hypernet.eval_t2l import score
+from hypernet.sni_data import DataError, description_variants, encode_example, load_tasks, user_turn
+
+
+def test_labels_cover_exactly_the_answer_and_end_of_turn(tiny_base):
+    tok = tiny_base.tokenizer
+    ids, labels = encode_example(tok, user_turn("[1, 2]"), "[2, 1]", max_len=512)
+    answer = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
+    assert tok.decode(answer) == "[2, 1]" + tok.eos_token
+    prompt = tok.decode(ids[: len(ids) - len(answer)])
+    assert prompt.endswith("<|im_start|>user\n[1, 2]<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_the_in_prompt_baseline_puts_the_description_first():
+    assert user_turn("x", "Do y.") == "Do y.\n\nx"
+    assert user_turn("x") == "x"
+
+
+def test_variants_keep_the_full_description_and_subsets_of_its_sentences():
+    text = "One. Two. Three. Four."
+    variants = description_variants(text, 5, random.Random(0))
+    assert variants[0] == text and len(variants) == 5
+    for v in variants[1:]:
+        assert set(v.split()) <= set(text.split()) and v
+
+
+def test_load_tasks_reads_the_fixture_and_rejects_broken_files(tiny_data_dir, tmp_path):
+    tasks = load_tasks(tiny_data_dir, "train")
+    assert [t.name for t in tasks] == ["task1_reverse", "task2_sentiment"]
+    assert tasks[0].instances[0].all_outputs == ("[2, 1]",)
+    (tmp_path / "sni" / "train").mkdir(parents=True)
+    (tmp_path / "sni" / "train" / "bad.json").write_text(json.dumps({"task": "bad"}))
+    with pytest.raises(DataError, match="not an SNI task file"):
+        load_tasks(tmp_path, "train")
+    with pytest.raises(DataError, match="no SNI task files"):
+        load_tasks(tmp_path, "dev")
+
+
+def test_scores_take_the_best_gold_answer():
+    assert score("Positive.", ("negative", "positive")) == {"rougeL": 100.0, "exact": 100.0}
+    partial = score("the answer is positive", ("positive",))
+    assert partial["exact"] == 0.0 and 0 < partial["rougeL"] < 100
