@@ -102,6 +102,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    from hypernet.sni_build import build, task_lists_from
+
+    train_tasks, dev_tasks = task_lists_from(_data_dir(args.like))
+    summary = build(Path(args.source), Path(args.out), train_tasks, dev_tasks, commit=args.commit)
+    print(json.dumps(summary, indent=2))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from hypernet.answering import answer
     from hypernet.generate import TextToLoRAGenerator
@@ -170,6 +178,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--base", default=DEFAULT_BASE)
     e.set_defaults(func=cmd_eval)
 
+    b = sub.add_parser("data", help="rebuild sni/train and sni/dev from a clone of allenai/natural-instructions")
+    b.add_argument("action", choices=["build-sni"])
+    b.add_argument("--source", required=True, help="local clone of github.com/allenai/natural-instructions")
+    b.add_argument("--out", required=True, help="directory to write sni/train and sni/dev into (best empty)")
+    b.add_argument("--like", help="data directory whose task selection to rebuild (default: ../shared/data)")
+    b.add_argument("--commit", default="unknown", help="the clone's commit, recorded in every file")
+    b.set_defaults(func=cmd_data)
+
     d = sub.add_parser("demo", help="the main job: generate adapters from descriptions and answer with them")
     d.add_argument("--base", default=DEFAULT_BASE)
     d.set_defaults(func=cmd_demo)
@@ -179,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from hypernet.checkpoint import CheckpointError
     from hypernet.generate import InputError
+    from hypernet.sni_build import SNIBuildError
     from hypernet.sni_data import DataError
     from loracast.adapter_format import AdapterError
     from loracast.base_model import BaseModelError
@@ -191,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         args.func(args)
-    except (InputError, AdapterError, CheckpointError, BaseModelError, DataError) as exc:
+    except (InputError, AdapterError, CheckpointError, BaseModelError, DataError, SNIBuildError) as exc:
         print(f"loracast: error: {exc}", file=sys.stderr)
         return 2
     return 0
