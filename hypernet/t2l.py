@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from loracast.lora import LoraSpec, LoraTargets, ModuleShape
+from loracast.lora_spec import LoraSpec, LoraTargets, ModuleShape
 
 Adapter = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 

@@ -18,18 +18,19 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
-from loracast.lora import LoraSpec, peft_key
+from loracast.lora_spec import LoraSpec, peft_key
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FINGERPRINT = "loracast.base_fingerprint"
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
-Adapter = Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+# (A (r, in), B (out, r)) per (layer, module): numpy arrays, or torch tensors when saving.
+Adapter = Mapping[tuple[int, str], tuple]
 
 
 class AdapterError(ValueError):
@@ -38,6 +39,12 @@ class AdapterError(ValueError):
 
 def is_adapter_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def _float32(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor; this module itself stays torch-free
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def peft_config(spec: LoraSpec, base_name: str) -> dict:
@@ -70,8 +77,8 @@ def save(out: Path, adapter: Adapter, spec: LoraSpec, base_name: str, metadata: 
     try:
         tensors = {}
         for (layer, module), (a, b) in adapter.items():
-            tensors[peft_key(layer, module, "A")] = a.detach().float().contiguous()
-            tensors[peft_key(layer, module, "B")] = b.detach().float().contiguous()
+            tensors[peft_key(layer, module, "A")] = _float32(a)
+            tensors[peft_key(layer, module, "B")] = _float32(b)
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", **metadata})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(spec, base_name), indent=2))
         if out.exists():
@@ -88,7 +95,7 @@ def save(out: Path, adapter: Adapter, spec: LoraSpec, base_name: str, metadata: 
 
 
 def load(path: Path, expected_fingerprint: str | None = None) -> tuple[dict, LoraSpec, dict[str, str]]:
-    """Read an adapter directory; refuse it if it was made for another base model."""
+    """Read an adapter directory (numpy arrays); refuse it if it was made for another base model."""
     path = Path(path)
     if not is_adapter_dir(path):
         raise AdapterError(f"{path} is not a LoRA adapter directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -108,7 +115,7 @@ def load(path: Path, expected_fingerprint: str | None = None) -> tuple[dict, Lor
             f"{path} was made for base model {str(found)[:12]}…, not the loaded base {expected_fingerprint[:12]}…: "
             "generate it again for this base"
         )
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, tensor in raw.items():
         m = _KEY.fullmatch(key)
         if m is None:

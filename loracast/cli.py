@@ -51,10 +51,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_answer(args: argparse.Namespace) -> None:
     from hypernet.answering import answer
     from loracast import adapter_format, base_model
-    from loracast.lora import inject
+    from loracast.lora import inject, to_torch
 
     base = base_model.load(args.base)
-    adapter, spec, _ = adapter_format.load(Path(args.adapter), expected_fingerprint=base.fingerprint)
+    stored, spec, _ = adapter_format.load(Path(args.adapter), expected_fingerprint=base.fingerprint)
+    adapter = to_torch(stored)
     wrappers = inject(base.model, spec)
     for question, reply in zip(args.prompt, answer(base, wrappers, adapter, args.prompt), strict=True):
         print(f"> {question}\n{reply}\n")

@@ -7,55 +7,13 @@ hypernetwork can generate a different adapter for every example of a batch and t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """Which modules get an adapter and how it is scaled (rsLoRA: alpha / sqrt(r))."""
-
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    r: int = 8
-    alpha: float = 16.0
-    use_rslora: bool = True
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-@dataclass
-class ModuleShape:
-    in_features: int
-    out_features: int
-
-
-@dataclass
-class LoraTargets:
-    """The shape of an adapter for one base model: layers x target modules."""
-
-    num_layers: int
-    shapes: dict[str, ModuleShape] = field(default_factory=dict)
-
-    def names(self) -> Iterator[tuple[int, str]]:
-        for layer in range(self.num_layers):
-            for module in self.shapes:
-                yield layer, module
-
-
-def peft_key(layer: int, module: str, which: str) -> str:
-    """The PEFT state-dict key of one LoRA matrix (which is 'A' or 'B')."""
-    block = "self_attn" if module in ATTN_MODULES else "mlp"
-    return f"base_model.model.model.layers.{layer}.{block}.{module}.lora_{which}.weight"
+from loracast.lora_spec import ATTN_MODULES, LoraSpec, LoraTargets, ModuleShape
 
 
 def _block(model: nn.Module, layer: int, module: str) -> nn.Module:
@@ -102,6 +60,11 @@ def inject(model: nn.Module, spec: LoraSpec) -> dict[tuple[int, str], LoRALinear
             lin.scale = spec.scale
             wrappers[(layer, module)] = lin
     return wrappers
+
+
+def to_torch(adapter: Mapping[tuple[int, str], tuple]) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """An adapter read from disk (numpy arrays) as torch tensors."""
+    return {k: (torch.as_tensor(a), torch.as_tensor(b)) for k, (a, b) in adapter.items()}
 
 
 def set_adapter(

@@ -48,7 +48,11 @@ def test_peft_loads_our_adapter_and_computes_the_same_logits(tiny_base, tmp_path
     loaded, loaded_spec, meta = adapter_format.load(out, expected_fingerprint="f" * 64)
     assert loaded_spec == spec
     assert meta[adapter_format.META_FINGERPRINT] == "f" * 64
-    assert all(torch.equal(loaded[k][0], adapter[k][0]) and torch.equal(loaded[k][1], adapter[k][1]) for k in adapter)
+    assert all(
+        torch.equal(torch.as_tensor(loaded[k][0]), adapter[k][0])
+        and torch.equal(torch.as_tensor(loaded[k][1]), adapter[k][1])
+        for k in adapter
+    )
 
 
 def test_adapter_for_another_base_is_refused(tiny_base, tmp_path):
@@ -76,7 +80,7 @@ def test_an_existing_adapter_is_replaced_whole(tiny_base, tmp_path):
     adapter_format.save(tmp_path / "a", first, spec, "tiny", META)
     adapter_format.save(tmp_path / "a", second, spec, "tiny", META)
     loaded, _, _ = adapter_format.load(tmp_path / "a")
-    assert torch.equal(loaded[(0, "q_proj")][0], second[(0, "q_proj")][0])
+    assert torch.equal(torch.as_tensor(loaded[(0, "q_proj")][0]), second[(0, "q_proj")][0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 

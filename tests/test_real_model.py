@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from hypernet.answering import answer
 from hypernet.generate import TextToLoRAGenerator
 from loracast import adapter_format, base_model
-from loracast.lora import applied, inject
+from loracast.lora import applied, inject, to_torch
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,8 @@ def test_shipped_t2l_adapter_loads_in_peft_and_changes_the_answer(real_base, tmp
     generator = TextToLoRAGenerator(base=real_base)  # refuses a checkpoint trained for another base
     description = "Classify the sentiment of a product review as positive or negative."
     out = generator.save(description, tmp_path / "sentiment")
-    adapter, spec, _ = adapter_format.load(out, expected_fingerprint=real_base.fingerprint)
+    stored, spec, _ = adapter_format.load(out, expected_fingerprint=real_base.fingerprint)
+    adapter = to_torch(stored)
 
     tok = real_base.tokenizer
     ids = tok(["This blender broke after two days."], return_tensors="pt")["input_ids"]

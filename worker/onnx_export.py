@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from loracast import base_model
-from loracast.lora import ATTN_MODULES, MLP_MODULES
+from loracast.lora_spec import ATTN_MODULES, MLP_MODULES
 from worker import onnx_io
 
 OPSET = 17

@@ -24,8 +24,7 @@ Face) with W + scale * B @ A via `SessionOptions.add_initializer` and feed rank-
 
 from __future__ import annotations
 
-# Same as loracast.lora.ATTN_MODULES (a test keeps them equal); copied because loracast.lora imports torch.
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+from loracast.lora_spec import ATTN_MODULES
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
