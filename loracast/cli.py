@@ -161,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder", default="minilm", choices=["minilm", "base"])
     t.add_argument("--target-modules", default="q_proj,v_proj")
     t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--steps", type=int, default=800)
+    t.add_argument("--steps", type=int, default=1200)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--seed", type=int, default=0)

@@ -174,7 +174,7 @@ def test_rank_zero_is_the_plain_model_and_adapters_hot_swap(session, tiny_base_d
 
 
 def test_default_export_with_external_data_is_atomic(tiny_base_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_export, "MAX_INLINE_BYTES", 0)  # force the > 2 GiB path on the tiny model
+    monkeypatch.setattr(onnx_io, "MAX_INLINE_BYTES", 0)  # force the > 2 GiB path on the tiny model
     out = onnx_export.export(tiny_base_dir, tmp_path / "base.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.onnx", "base.onnx.data"]  # no temp files left
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

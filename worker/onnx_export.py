@@ -29,9 +29,6 @@ from loracast.lora_spec import ATTN_MODULES, MLP_MODULES
 from worker import onnx_io
 
 OPSET = 17
-# Above this many bytes of weights the graph is saved with one external data file (`<out>.data`) next to
-# it: a protobuf file cannot exceed 2 GiB.
-MAX_INLINE_BYTES = 2**31 - 2**26
 
 LoraInputs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # target module -> (A, B) of one layer
 
@@ -218,7 +215,7 @@ def export(
         # Save under the final name inside the temporary directory, then move into place: the data
         # file first, so the graph that appears at `out` never points at missing or older weights.
         final = Path(tmp) / out.name
-        external = weight_bytes > MAX_INLINE_BYTES
+        external = weight_bytes > onnx_io.MAX_INLINE_BYTES
         data_name = out.name + ".data"
         onnx.save_model(graph, str(final), save_as_external_data=external, location=data_name)
         onnx.checker.check_model(str(final))

@@ -41,6 +41,8 @@ META_NUM_KV_HEADS = "loracast.num_kv_heads"
 META_HEAD_DIM = "loracast.head_dim"
 META_MAX_RANK = "loracast.max_rank"  # the largest adapter rank the worker should accept
 IO_VERSION = "1"
+# Above this many bytes of weights a model file keeps its weights in `<file>.data`: a protobuf cannot exceed 2 GiB.
+MAX_INLINE_BYTES = 2**31 - 2**26
 
 
 def past_name(layer: int, kind: str) -> str:

@@ -1,0 +1,276 @@
+"""The worker's torch-free inference engine on the tiny Llama: hot-swap, merged and standalone adapters match
+PyTorch + PEFT, greedy KV-cache decoding matches HF generate, and the chat prompt matches apply_chat_template."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from loracast import adapter_format, lora_spec
+from loracast.lora_spec import LoraSpec
+from worker import onnx_export, onnx_io, onnx_session
+from worker.chat import ChatTokenizer
+from worker.onnx_session import OnnxDecoder
+
+TOL = 1e-3
+REPO = Path(__file__).resolve().parents[1]
+SPEC_A = LoraSpec(("q_proj", "v_proj"), r=4, alpha=16.0)
+SPEC_B = LoraSpec(("q_proj",), r=2, alpha=4.0, use_rslora=False)  # another rank, one module left at rank 0
+SPEC_C = LoraSpec(("k_proj", "down_proj"), r=4, alpha=8.0)  # modules the graph has no LoRA inputs for
+EXTRA = [8, 300, 41]  # tokens fed one at a time through the KV cache after the prompt
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama exported with the default LoRA inputs (q_proj, v_proj)."""
+    return onnx_export.export(tiny_base_dir, tmp_path_factory.mktemp("onnx") / "base.onnx")
+
+
+@pytest.fixture(scope="module")
+def decoder(exported: Path) -> OnnxDecoder:
+    return OnnxDecoder(exported, intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base_dir: Path) -> ChatTokenizer:
+    return ChatTokenizer(tiny_base_dir)
+
+
+@pytest.fixture(scope="module")
+def prompt(tokenizer: ChatTokenizer) -> list[int]:
+    return tokenizer.encode_chat("What is the capital of France?")
+
+
+def _hf_model(model_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _save_random_adapter(
+    model_dir: Path, spec: LoraSpec, fingerprint: str, out: Path, seed: int
+) -> tuple[dict, LoraSpec, Path]:
+    """A random, clearly nonzero adapter saved as a PEFT directory, and read back as the worker reads it."""
+    model = _hf_model(model_dir)
+    gen = torch.Generator().manual_seed(seed)
+    adapter = {}
+    for i, layer in enumerate(model.model.layers):
+        for module in spec.target_modules:
+            lin = getattr(layer.self_attn if module in lora_spec.ATTN_MODULES else layer.mlp, module)
+            a = torch.randn(spec.r, lin.in_features, generator=gen) * 0.2
+            b = torch.randn(lin.out_features, spec.r, generator=gen) * 0.2
+            adapter[(i, module)] = (a, b)
+    adapter_format.save(out, adapter, spec, "tiny", {adapter_format.META_FINGERPRINT: fingerprint})
+    loaded, loaded_spec, _ = adapter_format.load(out, expected_fingerprint=fingerprint)
+    return loaded, loaded_spec, out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base_dir, decoder, tmp_path_factory) -> dict[str, tuple[dict, LoraSpec, Path]]:
+    root = tmp_path_factory.mktemp("adapters")
+    specs = {"A": SPEC_A, "B": SPEC_B, "C": SPEC_C}
+    return {
+        name: _save_random_adapter(tiny_base_dir, spec, decoder.fingerprint, root / name, seed)
+        for seed, (name, spec) in enumerate(specs.items(), start=1)
+    }
+
+
+def _peft_model(model_dir: Path, adapter_dir: Path | None) -> torch.nn.Module:
+    model = _hf_model(model_dir)
+    return model if adapter_dir is None else PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def _reference_logits(model_dir: Path, adapter_dir: Path | None, ids: list[int]) -> np.ndarray:
+    """PyTorch (+ PEFT) logits of the whole sequence in one pass, no cache."""
+    with torch.no_grad():
+        return _peft_model(model_dir, adapter_dir)(torch.tensor([ids])).logits[0].numpy()
+
+
+def _max_diff(got: np.ndarray, want: np.ndarray) -> float:
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max())
+
+
+def test_hot_swap_matches_peft(decoder, adapters, prompt, tiny_base_dir):
+    adapter, spec, path = adapters["A"]
+    ids = prompt + EXTRA
+    want = _reference_logits(tiny_base_dir, path, ids)
+    assert _max_diff(want, _reference_logits(tiny_base_dir, None, ids)) > 1e-2, "the adapter must matter"
+    decoder.set_adapter(adapter, spec)
+    try:
+        diff = _max_diff(decoder.logits(ids, prefill=len(prompt)), want)
+    finally:
+        decoder.clear_adapter()
+    print(f"\nhot-swap, prefill + {len(EXTRA)} cached steps vs PEFT: max abs diff {diff:.2e}")
+    assert diff < TOL
+
+
+def test_merged_session_matches_peft_and_leaves_the_base_alone(decoder, adapters, prompt, tiny_base_dir):
+    adapter, spec, path = adapters["A"]
+    ids = prompt + EXTRA
+    merged = decoder.merged(adapter, spec)
+    assert merged.session is not decoder.session and merged.merged_spec == spec
+    diff = _max_diff(merged.logits(ids, prefill=len(prompt)), _reference_logits(tiny_base_dir, path, ids))
+    print(f"\nmerged session vs PEFT: max abs diff {diff:.2e}")
+    assert diff < TOL
+    assert _max_diff(decoder.logits(ids), _reference_logits(tiny_base_dir, None, ids)) < TOL
+    with pytest.raises(RuntimeError, match="merged"):
+        merged.set_adapter(adapter, spec)
+
+
+def test_merged_session_takes_modules_the_graph_has_no_lora_inputs_for(decoder, adapters, prompt, tiny_base_dir):
+    adapter, spec, path = adapters["C"]
+    with pytest.raises(ValueError, match="no LoRA input"):
+        decoder.set_adapter(adapter, spec)
+    diff = _max_diff(decoder.merged(adapter, spec).logits(prompt), _reference_logits(tiny_base_dir, path, prompt))
+    print(f"\nmerged k_proj + down_proj vs PEFT: max abs diff {diff:.2e}")
+    assert diff < TOL
+
+
+def test_standalone_merged_model_runs_in_a_plain_session(exported, decoder, adapters, prompt, tiny_base_dir, tmp_path):
+    adapter, spec, path = adapters["A"]
+    out = decoder.export_merged(adapter, spec, tmp_path / "merged.onnx", adapter_id="abc123")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.onnx"]  # no temp files left behind
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert names == onnx_io.io_names(decoder.num_layers, ())[0][:-1]  # no LoRA inputs, no lora_scale
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta[onnx_io.META_FINGERPRINT] == decoder.fingerprint
+    assert meta[onnx_session.META_MERGED_ADAPTER] == "abc123"
+
+    kv_heads, head_dim = session.get_inputs()[3].shape[1], session.get_inputs()[3].shape[3]
+    feed = {
+        onnx_io.INPUT_IDS: np.array([prompt], np.int64),
+        onnx_io.ATTENTION_MASK: np.ones((1, len(prompt)), np.int64),
+        onnx_io.POSITION_IDS: np.arange(len(prompt), dtype=np.int64)[None],
+    }
+    feed.update({name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for name in names[3:]})
+    logits = session.run([onnx_io.LOGITS], feed)[0][0]
+    diff = _max_diff(logits, _reference_logits(tiny_base_dir, path, prompt))
+    print(f"\nstandalone merged .onnx in a plain ORT session vs PEFT: max abs diff {diff:.2e}")
+    assert diff < TOL
+    # The decoder opens it too (nothing to hot-swap) and decodes through its cache.
+    standalone = OnnxDecoder(out)
+    assert standalone.target_modules == ()
+    want = decoder.merged(adapter, spec).logits(prompt + EXTRA)
+    assert _max_diff(standalone.logits(prompt + EXTRA, prefill=len(prompt)), want) < TOL
+    # The LoRA branch is gone, not just fed empty: 4 nodes (Gemm A, Gemm B, Mul, Add) per target linear.
+    removed = len(onnx.load(str(exported)).graph.node) - len(onnx.load(str(out)).graph.node)
+    assert removed >= 4 * decoder.num_layers * len(decoder.target_modules)
+
+
+def test_greedy_generate_matches_hf_generate(decoder, adapters, prompt, tokenizer, tiny_base_dir):
+    adapter, spec, path = adapters["A"]
+    model = _peft_model(tiny_base_dir, path)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=8,
+            do_sample=False,
+        )
+    want = out[0, len(prompt) :].tolist()
+    if want and want[-1] == tokenizer.eos_id:  # HF keeps the eos it stopped on; generate() does not yield it
+        want = want[:-1]
+    decoder.set_adapter(adapter, spec)
+    try:
+        stream = decoder.generate(prompt, max_new_tokens=8, eos_id=tokenizer.eos_id)
+        got = list(stream)
+    finally:
+        decoder.clear_adapter()
+    print(f"\ngreedy tokens: {got}")
+    assert got == want
+
+
+def test_adapters_switch_without_a_new_session(decoder, adapters, prompt, tiny_base_dir):
+    session = decoder.session
+    ids = prompt + EXTRA
+    for name in ("A", "B", None, "A"):
+        adapter, spec, path = adapters[name] if name else (None, None, None)
+        if name:
+            decoder.set_adapter(adapter, spec)
+        else:
+            decoder.clear_adapter()
+        diff = _max_diff(decoder.logits(ids, prefill=len(prompt)), _reference_logits(tiny_base_dir, path, ids))
+        print(f"\nafter switching to {name or 'no adapter'}: max abs diff {diff:.2e}")
+        assert diff < TOL
+        assert decoder.session is session
+        assert decoder.adapter_spec == spec
+    decoder.clear_adapter()
+
+
+def test_generation_keeps_the_adapter_it_started_with(decoder, adapters, prompt):
+    adapter, spec, _ = adapters["A"]
+    plain = list(decoder.generate(prompt, 5))
+    decoder.set_adapter(adapter, spec)
+    with_a = list(decoder.generate(prompt, 5))
+    stream = decoder.generate(prompt, 5)  # started with A ...
+    decoder.clear_adapter()  # ... and A stays for this stream
+    assert list(stream) == with_a
+    assert list(decoder.generate(prompt, 5)) == plain
+
+
+def test_bad_adapters_are_refused(decoder, adapters):
+    adapter, _, _ = adapters["A"]
+    with pytest.raises(ValueError, match="maximum"):
+        decoder.set_adapter(adapter, LoraSpec(r=decoder.max_rank + 1))
+    a, b = adapter[(0, "q_proj")]
+    with pytest.raises(ValueError, match="do not fit"):
+        decoder.set_adapter({(0, "q_proj"): (a[:, :-1], b)}, SPEC_A)
+    with pytest.raises(ValueError, match="no LoRA input"):
+        decoder.set_adapter({(decoder.num_layers, "q_proj"): (a, b)}, SPEC_A)
+    with pytest.raises(ValueError, match="do not fit"):
+        decoder.merged({(0, "q_proj"): (a, b[:-1])}, SPEC_A)
+    assert decoder.adapter_spec is None
+
+
+def test_choose_providers(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_session.choose_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider", "CUDAExecutionProvider"])
+    assert onnx_session.choose_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Colour of the sky?"}],
+    [{"role": "user", "content": "Ünïcode ✓ 東京 🙂\n  two lines,\ttabs and <|im_end|> inside"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Summarize: {{ not a template }} {% raw %}"},
+    ],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_chat_prompt_matches_apply_chat_template(tokenizer, tiny_base_dir, messages):
+    hf = AutoTokenizer.from_pretrained(tiny_base_dir)
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.render(messages) == text
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert tokenizer.encode(tokenizer.render(messages)) == ids
+    if len(messages) == 1:
+        assert tokenizer.encode_chat(messages[0]["content"]) == ids
+    no_prompt = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    assert tokenizer.render(messages, add_generation_prompt=False) == no_prompt
+
+
+def test_streamed_text_joins_to_the_decoded_text(tokenizer, tiny_base_dir):
+    ids = [*tokenizer.encode("Ünïcode ✓ 東京 🙂 and plain words"), tokenizer.eos_id]
+    assert "".join(tokenizer.decode_stream(ids)) == tokenizer.decode(ids) == "Ünïcode ✓ 東京 🙂 and plain words"
+    assert tokenizer.decode(ids) == AutoTokenizer.from_pretrained(tiny_base_dir).decode(ids, skip_special_tokens=True)
+
+
+def test_the_serving_path_imports_no_torch():
+    code = "import sys, worker.onnx_session, worker.chat; assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
