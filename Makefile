@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench eval
+.PHONY: setup demo test lint bench eval protos
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ bench: setup
 
 eval: setup
 	$(BIN)/loracast eval t2l --json bench/results/eval_t2l.json
+
+# Regenerate loracast/v1 from protos/ (tests/test_protos.py fails when the committed code is stale).
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/loracast/v1/loracast.proto
