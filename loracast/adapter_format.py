@@ -27,7 +27,7 @@ from loracast.lora_spec import LoraSpec, peft_key
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FINGERPRINT = "loracast.base_fingerprint"
-_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
 # (A (r, in), B (out, r)) per (layer, module): numpy arrays, or torch tensors when saving.
 Adapter = Mapping[tuple[int, str], tuple]
@@ -41,7 +41,7 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-def _float32(x) -> np.ndarray:
+def as_float32(x) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor; this module itself stays torch-free
         x = x.detach().float().cpu().numpy()
     return np.ascontiguousarray(x, dtype=np.float32)
@@ -77,8 +77,8 @@ def save(out: Path, adapter: Adapter, spec: LoraSpec, base_name: str, metadata: 
     try:
         tensors = {}
         for (layer, module), (a, b) in adapter.items():
-            tensors[peft_key(layer, module, "A")] = _float32(a)
-            tensors[peft_key(layer, module, "B")] = _float32(b)
+            tensors[peft_key(layer, module, "A")] = as_float32(a)
+            tensors[peft_key(layer, module, "B")] = as_float32(b)
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", **metadata})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(spec, base_name), indent=2))
         if out.exists():
@@ -117,7 +117,7 @@ def load(path: Path, expected_fingerprint: str | None = None) -> tuple[dict, Lor
         )
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, tensor in raw.items():
-        m = _KEY.fullmatch(key)
+        m = PEFT_KEY.fullmatch(key)
         if m is None:
             raise AdapterError(f"{path}: unexpected tensor {key!r} in {WEIGHTS_FILE}")
         pairs.setdefault((int(m[1]), m[2]), {})[m[3]] = tensor
