@@ -35,7 +35,7 @@ class TrainArgs:
     encoder: str = "minilm"
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     r: int = 8
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 8
     lr: float = 3e-4
     warmup: int = 30

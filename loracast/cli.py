@@ -7,6 +7,7 @@ an error in one component cannot break another's commands.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -161,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder", default="minilm", choices=["minilm", "base"])
     t.add_argument("--target-modules", default="q_proj,v_proj")
     t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--steps", type=int, default=1200)
+    t.add_argument("--steps", type=int, default=800)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--seed", type=int, default=0)
@@ -190,6 +191,10 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: generate adapters from descriptions and answer with them")
     d.add_argument("--base", default=DEFAULT_BASE)
     d.set_defaults(func=cmd_demo)
+
+    # The serving components own their subcommands (coordinator serve, worker serve/export, ask).
+    for module in ("coordinator.cli", "worker.cli", "edge_client.cli"):
+        importlib.import_module(module).add_parser(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""The coordinator: runs the hypernetworks, caches adapters by content, streams them to workers over gRPC."""

@@ -1,0 +1,278 @@
+"""What the coordinator and the worker share as gRPC servers: security, health, reflection, metrics, lifecycle.
+
+Security is opt-in per flag: a server certificate turns on TLS, a client CA on top of it requires mutual TLS,
+and bearer tokens require `authorization: Bearer <token>` metadata on every call except health checks (so
+orchestrators can probe without a secret).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram, start_http_server
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a data chunk is at most 1 MiB; documents arrive as a stream
+HEALTH_SERVICE = health.SERVICE_NAME
+RETRY_AFTER_MS = "retry-after-ms"
+_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+RPC_TOTAL = Counter("loracast_rpc_total", "Finished RPCs by gRPC status code", ["component", "method", "code"])
+RPC_SECONDS = Histogram(
+    "loracast_rpc_duration_seconds",
+    "Request latency: from the call's arrival to its last response message",
+    ["component", "method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+class ConfigError(ValueError):
+    """A server or client option that cannot work (a missing certificate, a key without a certificate)."""
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None  # set: clients must present a certificate signed by this CA (mutual TLS)
+    tokens: frozenset[str] = field(default_factory=frozenset)
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_cert is None:
+            if self.client_ca is not None:
+                raise ConfigError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
+            return None
+        pair = (_read(self.tls_key, "TLS key"), _read(self.tls_cert, "TLS certificate"))
+        ca = _read(self.client_ca, "client CA")
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    tls_ca: Path | None = None  # set: connect with TLS, trusting this CA
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    token: str | None = None
+
+
+def open_channel(target: str, security: ClientSecurity | None = None) -> grpc.Channel:
+    """A channel to `target` (HOST:PORT) with TLS, a client certificate and a bearer token as configured."""
+    security = security or ClientSecurity()
+    if security.tls_ca is None:
+        if security.client_cert is not None:
+            raise ConfigError("a client certificate needs TLS: add the server's CA")
+        channel = grpc.insecure_channel(target, options=_OPTIONS)
+    else:
+        creds = grpc.ssl_channel_credentials(
+            _read(security.tls_ca, "CA certificate"),
+            _read(security.client_key, "client key"),
+            _read(security.client_cert, "client certificate"),
+        )
+        channel = grpc.secure_channel(target, creds, options=_OPTIONS)
+    if security.token:
+        channel = grpc.intercept_channel(channel, _TokenInterceptor(security.token))
+    return channel
+
+
+class _TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=[*(details.metadata or ()), self._header])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+def _code_name(context: grpc.ServicerContext, failed: bool) -> str:
+    code = context.code()
+    if code is None:
+        return "UNKNOWN" if failed else "OK"
+    return code.name
+
+
+class _ServerInterceptor(grpc.ServerInterceptor):
+    """Bearer-token check and per-RPC metrics (labels: the method name and status code, never request data)."""
+
+    def __init__(self, component: str, tokens: frozenset[str]) -> None:
+        self.component = component
+        self.tokens = tokens
+
+    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        if self.tokens and not details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            sent = dict(details.invocation_metadata or ()).get("authorization", "")
+            if not sent.startswith("Bearer "):
+                handler = _refusal(handler, "send `authorization: Bearer <token>` metadata")
+            elif sent.removeprefix("Bearer ") not in self.tokens:
+                handler = _refusal(handler, "the bearer token is not valid")
+        return self._measured(handler, method)
+
+    def _measured(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        kind = _kind(handler)
+        behavior = getattr(handler, kind)
+        labels = (self.component, method)
+
+        def finish(context, start: float, failed: bool) -> None:
+            RPC_SECONDS.labels(*labels).observe(time.perf_counter() - start)
+            RPC_TOTAL.labels(*labels, _code_name(context, failed)).inc()
+
+        if kind.endswith("_stream"):
+
+            def streaming(request, context):
+                start, failed = time.perf_counter(), True
+                try:
+                    yield from behavior(request, context)
+                    failed = False
+                finally:
+                    finish(context, start, failed)
+
+            return _rebuild(handler, kind, streaming)
+
+        def unary(request, context):
+            start, failed = time.perf_counter(), True
+            try:
+                response = behavior(request, context)
+                failed = False
+                return response
+            finally:
+                finish(context, start, failed)
+
+        return _rebuild(handler, kind, unary)
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    def refuse(_request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return _rebuild(handler, _kind(handler), refuse)
+
+
+def _kind(handler: grpc.RpcMethodHandler) -> str:
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        if getattr(handler, kind) is not None:
+            return kind
+    raise ValueError("a gRPC handler with no behavior")
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, kind: str, behavior: Callable) -> grpc.RpcMethodHandler:
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    return make(behavior, handler.request_deserializer, handler.response_serializer)
+
+
+def create_server(component: str, security: ServerSecurity, max_workers: int = 16) -> grpc.Server:
+    """A gRPC server with auth and metrics interceptors; add servicers, then `start_serving`."""
+    from concurrent import futures
+
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=component),
+        interceptors=[_ServerInterceptor(component, security.tokens)],
+        options=_OPTIONS,
+        maximum_concurrent_rpcs=max_workers * 4,
+    )
+
+
+def start_serving(
+    server: grpc.Server, listen: str, security: ServerSecurity, service_names: Iterable[str]
+) -> tuple[int, health.HealthServicer]:
+    """Health and reflection for `service_names`, bind `listen` (port 0 picks one), start; returns the port."""
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection([*names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+    credentials = security.credentials()
+    try:
+        port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {listen}: the address is taken or invalid")
+    server.start()
+    for name in ["", *names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return port, health_servicer
+
+
+def start_metrics(port: int, addr: str = "0.0.0.0") -> int:
+    """Serve /metrics for Prometheus on `port` (0 picks one); returns the port."""
+    server, _ = start_http_server(port, addr=addr)
+    return server.server_port
+
+
+def retry_later(context: grpc.ServicerContext, retry_after_ms: int, message: str) -> None:
+    """Refuse with RESOURCE_EXHAUSTED and a `retry-after-ms` trailer saying when to try again."""
+    context.set_trailing_metadata(((RETRY_AFTER_MS, str(retry_after_ms)),))
+    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def wait_for_signal(
+    server: grpc.Server, health_servicer: health.HealthServicer, ready_line: str, grace: float = 5.0
+) -> None:
+    """Print one ready line, serve until SIGTERM or SIGINT, then drain: NOT_SERVING first, then stop."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(ready_line, flush=True)
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace).wait()
+    print("stopped", file=sys.stderr, flush=True)
+
+
+def wait_until_serving(channel: grpc.Channel, timeout: float = 60.0) -> None:
+    """Block until the server behind `channel` reports SERVING on its health Watch stream (no polling, no sleeps)."""
+    grpc.channel_ready_future(channel).result(timeout=timeout)
+    stub = health_pb2_grpc.HealthStub(channel)
+    call = stub.Watch(health_pb2.HealthCheckRequest(), timeout=timeout)
+    try:
+        for reply in call:
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+    finally:
+        call.cancel()
+    raise TimeoutError("the server closed its health stream before it was SERVING")
+
+
+def streamed(iterator: Iterator, context: grpc.ServicerContext) -> Iterator:
+    """Stop a server stream as soon as the client has gone (its deadline passed or it cancelled)."""
+    for item in iterator:
+        if not context.is_active():
+            return
+        yield item
