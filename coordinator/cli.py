@@ -1,9 +1,66 @@
-"""Subcommands of this component for the `loracast` command line (filled in by its owner)."""
+"""`loracast coordinator serve`: the coordinator's command.
+
+Imports stay inside the command, so `loracast --help` stays instant.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from loracast.paths import DEFAULT_BASE  # torch-free, like everything imported at this level
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Configuration errors raise a UserError (ConfigError, CheckpointError, ...): `loracast` prints it as one line
+    and exits with status 2."""
+    from pathlib import Path
+
+    from coordinator.server import CoordinatorConfig, default_cache_dir, start
+    from hypernet.checkpoint import DEFAULT_T2L
+    from loracast.grpc_common import ConfigError, ServerSecurity, read_token_file, wait_for_signal
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    tokens = frozenset(args.token)
+    if args.token_file:
+        tokens |= read_token_file(Path(args.token_file))
+    config = CoordinatorConfig(
+        cache_dir=path(args.cache_dir) or default_cache_dir(),
+        listen=args.listen,
+        metrics_port=args.metrics_port,
+        t2l_checkpoint=path(args.checkpoint) or DEFAULT_T2L,
+        base=args.base,
+        max_concurrent=args.max_concurrent,
+        max_document_bytes=round(args.max_document_mb * 2**20),
+        cache_capacity_bytes=round(args.capacity_mb * 2**20),
+        security=ServerSecurity(
+            tls_cert=path(args.tls_cert), tls_key=path(args.tls_key), client_ca=path(args.client_ca), tokens=tokens
+        ),
+    )
+    try:
+        running = start(config)
+    except OSError as exc:  # a file or directory the configuration names, unreadable in a way no check foresaw
+        raise ConfigError(str(exc)) from exc
+    wait_for_signal(running.server, running.health, running.ready_line())
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    del sub
+    coordinator = sub.add_parser("coordinator", help="the coordinator: hypernetworks, adapter cache, adapter streams")
+    commands = coordinator.add_subparsers(dest="coordinator_command", required=True)
+
+    s = commands.add_parser("serve", help="serve the Coordinator gRPC service until SIGTERM")
+    s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0 picks a free one)")
+    s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0 picks a free one)")
+    s.add_argument("--cache-dir", help="adapter cache directory (default: $LORACAST_CACHE/coordinator)")
+    s.add_argument("--capacity-mb", type=float, default=4096.0, help="adapter cache size on disk")
+    s.add_argument("--checkpoint", help="Text-to-LoRA checkpoint (default: the shipped one)")
+    s.add_argument("--base", default=DEFAULT_BASE, help="'smollm2' or a Hugging Face model directory")
+    s.add_argument("--max-concurrent", type=int, default=2, help="generations in flight; more get RESOURCE_EXHAUSTED")
+    s.add_argument("--max-document-mb", type=float, default=1.0, help="the largest document InternalizeDocument takes")
+    s.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    s.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    s.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--token", action="append", default=[], help="accepted bearer token (repeatable; see --token-file)")
+    s.add_argument("--token-file", help="file of accepted bearer tokens, one a line (keeps them off the command line)")
+    s.set_defaults(func=cmd_serve)

@@ -1,9 +1,141 @@
-"""Subcommands of this component for the `loracast` command line (filled in by its owner)."""
+"""`loracast ask`: ask a worker a question with an adapter chosen by task, document or id; stream the answer.
+
+Only argparse at module level: every `loracast` command builds this parser, and gRPC loads only for `ask`.
+`python -m edge_client.cli ask ...` is the same command without the rest of the `loracast` CLI, which imports
+PyTorch before any command runs: an edge device asking a worker needs only grpcio.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loracast.grpc_common import ClientSecurity
+
+
+def _fail(message: str) -> SystemExit:
+    import sys
+
+    print(f"loracast: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def _read(path: str, flag: str) -> bytes:
+    from pathlib import Path
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise _fail(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+
+def _count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+def _security(args: argparse.Namespace) -> ClientSecurity:
+    from pathlib import Path
+
+    from loracast.grpc_common import ClientSecurity, ConfigError, read_token_file
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+    token = args.token
+    if args.token_file:
+        tokens = read_token_file(Path(args.token_file))
+        if len(tokens) > 1:
+            raise ConfigError(f"the token file {args.token_file} holds {len(tokens)} tokens: a client sends one")
+        [token] = tokens
+    return ClientSecurity(
+        tls_ca=Path(args.tls_ca) if args.tls_ca else None,
+        client_cert=Path(args.tls_cert) if args.tls_cert else None,
+        client_key=Path(args.tls_key) if args.tls_key else None,
+        token=token,
+    )
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+    import sys
+
+    from edge_client.client import Done, EdgeClient, EdgeError
+    from loracast.grpc_common import ConfigError
+
+    options = {
+        "task": args.task,
+        "document": _read(args.doc, "--doc") if args.doc is not None else None,
+        "adapter_id": args.adapter,
+        "mode": args.mode,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    printed = False
+    try:
+        with EdgeClient(args.worker, _security(args)) as client:
+            if args.json:
+                answer = client.ask(args.question, **options)
+                result = {
+                    "answer": answer.text,
+                    "adapter_id": answer.adapter_id,
+                    "resident": answer.resident,
+                    "tokens": answer.tokens,
+                    "timings": dataclasses.asdict(answer.timings),
+                }
+                print(json.dumps(result, ensure_ascii=False))
+                return
+            for event in client.stream(args.question, **options):
+                if isinstance(event, str):
+                    sys.stdout.write(event)
+                    sys.stdout.flush()
+                    printed = True
+                elif isinstance(event, Done):
+                    print()
+                    printed = False
+    except (EdgeError, ConfigError) as exc:
+        if printed:  # end the partial answer's line so the error stands on its own
+            print()
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    del sub
+    p = sub.add_parser("ask", help="ask a worker; the answer streams to stdout as it is decoded")
+    p.add_argument("--worker", required=True, metavar="HOST:PORT", help="the worker's gRPC address")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", metavar="TEXT", help="a task description: its adapter is generated or cached")
+    source.add_argument("--doc", metavar="FILE", help="a UTF-8 document: its facts become an adapter (not stored)")
+    source.add_argument("--adapter", metavar="ID", help="an adapter already known by id")
+    p.add_argument(
+        "--mode",
+        choices=["hot-swap", "merged"],
+        default="hot-swap",
+        help="hot-swap: LoRA as graph inputs (instant switch); merged: folded into the weights (faster per token)",
+    )
+    p.add_argument("--max-new-tokens", type=_count, default=0, metavar="N", help="0: the worker's default")
+    p.add_argument("--json", action="store_true", help="print one JSON object: answer, adapter, tokens, timings")
+    p.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA")
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", metavar="FILE", help="client key (mutual TLS)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", help="bearer token (visible in the process list: prefer --token-file)")
+    token.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
+    p.add_argument("question", help="the user turn")
+    p.set_defaults(func=cmd_ask)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loracast", description="Ask a LoraCast worker.")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

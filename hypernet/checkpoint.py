@@ -14,13 +14,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hypernet.t2l import MultiTaskLoRA, T2LConfig, TextToLoRA
+from loracast.errors import UserError
 
 HYPERNET_VERSION = "t2l-1"
 DEFAULT_T2L = Path(__file__).resolve().parent / "checkpoints" / "t2l.safetensors"
 DEFAULT_MTL = Path(__file__).resolve().parent / "checkpoints" / "multitask-lora.safetensors"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A hypernetwork checkpoint is missing or unreadable; the message names the file."""
 
 

@@ -12,11 +12,12 @@ from hypernet.encoder import DescriptionEncoder
 from hypernet.t2l import Adapter
 from loracast import adapter_format
 from loracast.base_model import BaseModel
+from loracast.errors import UserError
 
 MAX_DESCRIPTION_CHARS = 4000
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The request itself is unusable (empty description, ...); the message says what to fix."""
 
 

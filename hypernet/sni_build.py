@@ -23,10 +23,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from loracast.errors import UserError
+
 TEST_SPLIT = Path("splits") / "default" / "test_tasks.txt"
 
 
-class SNIBuildError(ValueError):
+class SNIBuildError(UserError, ValueError):
     """The clone or the task lists cannot give a valid build; the message says what to fix."""
 
 

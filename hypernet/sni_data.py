@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from loracast.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data directory is missing or malformed; the message says what to fix."""
 
 

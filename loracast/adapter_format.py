@@ -22,6 +22,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from loracast.errors import UserError
 from loracast.lora_spec import LoraSpec, peft_key
 
 CONFIG_FILE = "adapter_config.json"
@@ -33,7 +34,7 @@ PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|ml
 Adapter = Mapping[tuple[int, str], tuple]
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter directory is missing, malformed, or made for another base model."""
 
 

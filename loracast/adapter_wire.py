@@ -187,9 +187,16 @@ def decode(manifest: pb.AdapterManifest, payload: bytes) -> tuple[dict, LoraSpec
 
 
 def chunks(payload: bytes, offset: int = 0, chunk_size: int = DEFAULT_CHUNK) -> Iterator[pb.DataChunk]:
-    """The payload from `offset` on, as DataChunk messages of `chunk_size` bytes (the last may be shorter)."""
+    """The payload from `offset` on, as DataChunk messages of `chunk_size` bytes (the last may be shorter).
+
+    A bad offset raises at the call, not at the first chunk, so a server refuses before it sends the manifest.
+    """
     if not 0 <= offset <= len(payload):
         raise WireError(f"offset {offset} is beyond the payload's {len(payload)} bytes")
+    return _chunks(payload, offset, chunk_size)
+
+
+def _chunks(payload: bytes, offset: int, chunk_size: int) -> Iterator[pb.DataChunk]:
     view = memoryview(payload)
     for start in range(offset, len(payload), chunk_size):
         yield pb.DataChunk(offset=start, data=bytes(view[start : start + chunk_size]))

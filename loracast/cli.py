@@ -7,13 +7,16 @@ an error in one component cannot break another's commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from loracast.base_model import DEFAULT_BASE
+from loracast.errors import UserError
+from loracast.paths import DEFAULT_BASE
 
 DEMO_TASKS = [
     (
@@ -40,11 +43,12 @@ def _data_dir(value: str | None) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from hypernet.checkpoint import DEFAULT_T2L
     from hypernet.generate import TextToLoRAGenerator, check_description
 
     check_description(args.description)  # fail fast, before loading anything
     t0 = time.perf_counter()
-    generator = TextToLoRAGenerator(Path(args.checkpoint))
+    generator = TextToLoRAGenerator(Path(args.checkpoint or DEFAULT_T2L))
     out = generator.save(args.description, Path(args.out), args.base)
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s, base {generator.fingerprint[:12]}…)")
 
@@ -113,23 +117,85 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from hypernet.answering import answer
-    from hypernet.generate import TextToLoRAGenerator
-    from loracast import base_model
-    from loracast.lora import inject
+    """The main job: a coordinator and a worker on loopback, asked by description through the edge client."""
+    import tempfile
 
-    base = base_model.load(args.base)
-    generator = TextToLoRAGenerator(base=base)
-    wrappers = inject(base.model, generator.spec)
-    for description, inputs in DEMO_TASKS:
-        t0 = time.perf_counter()
-        adapter = generator.generate(description)
-        ms = 1000 * (time.perf_counter() - t0)
-        print(f"\n## task: {description}\n   adapter generated in {ms:.0f} ms (one hypernetwork pass)")
-        plain = answer(base, wrappers, None, inputs)
-        adapted = answer(base, wrappers, adapter, inputs)
-        for text, p, a in zip(inputs, plain, adapted, strict=True):
-            print(json.dumps({"input": text, "base model": p, "with T2L adapter": a}, indent=2, ensure_ascii=False))
+    from edge_client.client import EdgeClient
+    from hypernet.checkpoint import DEFAULT_T2L
+    from loracast.launch import ServerProcess, coordinator_argv, worker_argv
+    from loracast.paths import cache_root
+
+    demo_dir = cache_root() / "demo"  # adapter caches survive between runs: the second run shows cache hits
+    with tempfile.TemporaryDirectory(prefix="loracast-demo-") as logs:
+        print("starting the coordinator (loads the base model and the T2L hypernetwork) ...", flush=True)
+        started: list[ServerProcess] = []
+        try:
+            coordinator = ServerProcess.loracast(
+                "coordinator",
+                coordinator_argv(
+                    listen="127.0.0.1:0",
+                    metrics_port=0,
+                    cache_dir=str(demo_dir / "coordinator"),
+                    base=args.base,
+                    checkpoint=str(args.checkpoint or DEFAULT_T2L),
+                ),
+                Path(logs),
+            )
+            started.append(coordinator)
+            c = coordinator.wait_ready("coordinator", args.startup_timeout)
+            print(f"coordinator on {c['grpc']}; starting a worker (the first start exports the base model to ONNX)")
+            worker = ServerProcess.loracast(
+                "worker",
+                worker_argv(
+                    listen="127.0.0.1:0",
+                    coordinator=c["grpc"],
+                    metrics_port=0,
+                    cache_dir=str(demo_dir / "worker"),
+                    capacity_mb=256,
+                    base=args.base,
+                ),
+                Path(logs),
+            )
+            started.append(worker)
+            w = worker.wait_ready("worker", args.startup_timeout)
+            print(f"worker on {w['grpc']}\n", flush=True)
+            with EdgeClient(w["grpc"]) as client:
+                for description, inputs in DEMO_TASKS:
+                    print(f"## task: {description}")
+                    for text in inputs:
+                        plain = client.ask(text, max_new_tokens=args.max_new_tokens)
+                        adapted = client.ask(text, task=description, max_new_tokens=args.max_new_tokens)
+                        t = adapted.timings
+                        print(
+                            json.dumps(
+                                {
+                                    "input": text,
+                                    "base model": plain.text,
+                                    "with T2L adapter": adapted.text,
+                                    "adapter": adapted.adapter_id[:16],
+                                    "adapter was resident": adapted.resident,
+                                    "timings_ms": {
+                                        "adapter fetch (generate + stream)": round(1000 * t.adapter_fetch_seconds, 1),
+                                        "apply": round(1000 * t.apply_seconds, 1),
+                                        "first token": round(1000 * t.first_token_seconds, 1),
+                                        "total": round(1000 * t.total_seconds, 1),
+                                    },
+                                },
+                                indent=2,
+                                ensure_ascii=False,
+                            )
+                        )
+            print(
+                f"\nmetrics: coordinator http://127.0.0.1:{c['metrics']}/metrics, "
+                f"worker http://127.0.0.1:{w['metrics']}/metrics (Prometheus + Grafana: docker compose up)"
+            )
+            if args.keep_running:
+                print("servers keep running; Ctrl-C stops them", flush=True)
+                with contextlib.suppress(KeyboardInterrupt):
+                    worker.proc.wait()
+        finally:
+            for process in reversed(started):
+                process.terminate()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -139,19 +205,15 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="description -> PEFT adapter directory")
     g.add_argument("--description", required=True, help="what the adapter should make the model do")
     g.add_argument("--out", required=True, help="adapter directory to write (must not be another kind of directory)")
-    g.add_argument(
-        "--checkpoint",
-        default=str(Path(__file__).resolve().parent.parent / "hypernet" / "checkpoints" / "t2l.safetensors"),
-        help="T2L checkpoint (default: shipped)",
-    )
+    g.add_argument("--checkpoint", help="T2L checkpoint (default: shipped)")
     g.add_argument("--base", default=DEFAULT_BASE, help="base model recorded in adapter_config.json")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, uses_transformers=True)
 
     a = sub.add_parser("answer", help="answer prompts with an adapter (greedy, chat template)")
     a.add_argument("--adapter", required=True, help="PEFT adapter directory")
     a.add_argument("--base", default=DEFAULT_BASE, help="'smollm2' or a Hugging Face model directory")
     a.add_argument("prompt", nargs="+", help="user turns, one answer each")
-    a.set_defaults(func=cmd_answer)
+    a.set_defaults(func=cmd_answer, uses_transformers=True)
 
     t = sub.add_parser("train", help="train a hypernetwork (resumable; reproduces the shipped checkpoint)")
     t.add_argument("kind", choices=["t2l", "mtl"], help="t2l: Text-to-LoRA; mtl: the multi-task LoRA baseline")
@@ -167,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, uses_transformers=True)
 
     e = sub.add_parser("eval", help="evaluate on unseen tasks; prints a table, writes JSON")
     e.add_argument("what", choices=["t2l"])
@@ -178,7 +240,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="T2L checkpoint (default: shipped)")
     e.add_argument("--mtl", help="multi-task LoRA checkpoint (default: shipped)")
     e.add_argument("--base", default=DEFAULT_BASE)
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(func=cmd_eval, uses_transformers=True)
 
     b = sub.add_parser("data", help="rebuild sni/train and sni/dev from a clone of allenai/natural-instructions")
     b.add_argument("action", choices=["build-sni"])
@@ -188,8 +250,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--commit", default="unknown", help="the clone's commit, recorded in every file")
     b.set_defaults(func=cmd_data)
 
-    d = sub.add_parser("demo", help="the main job: generate adapters from descriptions and answer with them")
+    d = sub.add_parser("demo", help="the main job: coordinator + worker on loopback, asked by description")
     d.add_argument("--base", default=DEFAULT_BASE)
+    d.add_argument("--checkpoint", help="T2L checkpoint (default: shipped)")
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--startup-timeout", type=float, default=900.0, help="seconds a server may take to get ready")
+    d.add_argument("--keep-running", action="store_true", help="keep the servers up afterwards (Ctrl-C stops)")
     d.set_defaults(func=cmd_demo)
 
     # The serving components own their subcommands (coordinator serve, worker serve/export, ask).
@@ -199,22 +265,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hypernet.checkpoint import CheckpointError
-    from hypernet.generate import InputError
-    from hypernet.sni_build import SNIBuildError
-    from hypernet.sni_data import DataError
-    from loracast.adapter_format import AdapterError
-    from loracast.base_model import BaseModelError
-
+    # Library progress bars and notices would bury our one-line results and errors; set before any import.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = parser().parse_args(argv)
-    # Library progress bars and notices would bury our one-line results and errors.
-    from transformers.utils import logging as hf_logging
+    if getattr(args, "uses_transformers", False):  # the environment is read at import; it may be imported already
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
         args.func(args)
-    except (InputError, AdapterError, CheckpointError, BaseModelError, DataError, SNIBuildError) as exc:
+    except UserError as exc:
         print(f"loracast: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,7 @@ orchestrators can probe without a secret).
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 import time
@@ -19,6 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
+
+from loracast.errors import UserError
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a data chunk is at most 1 MiB; documents arrive as a stream
 HEALTH_SERVICE = health.SERVICE_NAME
@@ -34,7 +37,7 @@ RPC_SECONDS = Histogram(
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A server or client option that cannot work (a missing certificate, a key without a certificate)."""
 
 
@@ -204,9 +207,39 @@ def create_server(component: str, security: ServerSecurity, max_workers: int = 1
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=component),
         interceptors=[_ServerInterceptor(component, security.tokens)],
-        options=_OPTIONS,
+        # Without this, gRPC binds a port another server already listens on, and the two split its traffic.
+        options=[*_OPTIONS, ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_workers * 4,
     )
+
+
+def check_listen(listen: str) -> str:
+    """Refuse a malformed HOST:PORT, or a port another process holds, before a slow model load; returns HOST."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen {listen!r}: give HOST:PORT (port 0 picks a free one)")
+    if int(port):
+        try:
+            for family, kind, proto, _, address in socket.getaddrinfo(
+                host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            ):
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+    return host
+
+
+def read_token_file(path: Path) -> frozenset[str]:
+    """The bearer tokens in a file, one a line (blank lines ignored), so tokens stay off command lines."""
+    try:  # metadata values are ASCII
+        tokens = frozenset(line.strip() for line in _read(path, "token file").decode("ascii").splitlines()) - {""}
+    except UnicodeDecodeError:
+        raise ConfigError(f"the token file {path} is not ASCII text") from None
+    if not tokens:
+        raise ConfigError(f"the token file {path} holds no token: auth would be off")
+    return tokens
 
 
 def start_serving(

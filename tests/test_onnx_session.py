@@ -274,3 +274,92 @@ def test_the_serving_path_imports_no_torch():
     code = "import sys, worker.onnx_session, worker.chat; assert 'torch' not in sys.modules, 'torch was imported'"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# -- exact 4-bit weights --------------------------------------------------------------------------------------
+
+
+def _gguf_q4_1(w: torch.Tensor) -> torch.Tensor:
+    """w rounded as GGUF's Q4_1 stores it: per block of 32 along the input, d q + m with q in 0..15, d and m fp16."""
+    blocks = w.reshape(w.shape[0], -1, onnx_session.BLOCK)
+    low = blocks.amin(-1, keepdim=True).half().float()
+    step = ((blocks.amax(-1, keepdim=True) - low) / 15).half().float()
+    codes = ((blocks - low) / torch.where(step > 0, step, 1)).round().clamp(0, 15)
+    return (codes * step + low).reshape(w.shape)
+
+
+def _gguf_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """w rounded as GGUF's Q8_0 stores it: per block of 32, d q with q in -127..127, d fp16."""
+    blocks = w.reshape(w.shape[0], -1, onnx_session.BLOCK)
+    step = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+    codes = (blocks / torch.where(step > 0, step, 1)).round().clamp(-127, 127)  # the padding row is all zeros
+    return (codes * step).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def grid_base_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with its weights rounded as the default base model's GGUF stores them (linears Q4_1, the
+    tied embedding Q8_0), saved as a Hugging Face directory."""
+    path = tmp_path_factory.mktemp("grid-llama")
+    model = _hf_model(tiny_base_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for module in lora_spec.ATTN_MODULES + lora_spec.MLP_MODULES:
+                lin = getattr(layer.self_attn if module in lora_spec.ATTN_MODULES else layer.mlp, module)
+                lin.weight.copy_(_gguf_q4_1(lin.weight))
+        model.model.embed_tokens.weight.copy_(_gguf_q8_0(model.model.embed_tokens.weight))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_base_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid_decoder(grid_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxDecoder:
+    exported = onnx_export.export(grid_base_dir, tmp_path_factory.mktemp("grid-onnx") / "base.onnx")
+    return OnnxDecoder(exported, intra_op_threads=1)
+
+
+def test_pack_linear_is_exact_on_gguf_grids_and_declines_other_weights():
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    for rounded, parts, has_offsets in ((_gguf_q4_1(w), 1, True), (_gguf_q8_0(w), 2, False)):
+        form = onnx_session.pack_linear(rounded.numpy())
+        assert form is not None and len(form.parts) == parts and (form.offsets is not None) == has_offsets
+        # Decode the parts as MatMulNBits does: scale * (code - zero point), zero point 8 when absent.
+        total = np.zeros((6, 2, onnx_session.BLOCK), np.float32)
+        for codes, scales, zero in form.parts:
+            unpacked = np.stack([codes & 15, codes >> 4], axis=-1).reshape(6, 2, onnx_session.BLOCK)
+            zp = 8 if zero is None else np.stack([zero & 15, zero >> 4], axis=-1).reshape(6, -1)[:, :2, None]
+            total += scales.reshape(6, 2, 1) * (unpacked.astype(np.float32) - zp)
+        if has_offsets:
+            total += form.offsets[..., None]
+        assert np.abs(total.reshape(6, 64) - rounded.numpy()).max() < 1e-6
+    assert onnx_session.pack_linear(w.numpy()) is None
+    assert onnx_session.pack_linear(_gguf_q4_1(w)[:, :40].numpy()) is None  # not whole blocks
+
+
+def test_packed_decoder_matches_pytorch_in_every_mode(grid_decoder, grid_base_dir, prompt, tmp_path):
+    layers = grid_decoder.num_layers
+    assert len(grid_decoder.packed) == 7 * layers + 1  # every linear and the tied lm_head
+    assert not onnx_session.OnnxDecoder(grid_decoder.path, pack_weights=False).packed
+    ids = prompt + EXTRA
+    diff = _max_diff(grid_decoder.logits(ids, prefill=len(prompt)), _reference_logits(grid_base_dir, None, ids))
+    print(f"\npacked 4-bit base vs PyTorch: max abs diff {diff:.2e}")
+    assert diff < TOL
+
+    adapter, spec, path = _save_random_adapter(grid_base_dir, SPEC_A, grid_decoder.fingerprint, tmp_path / "a", 5)
+    want = _reference_logits(grid_base_dir, path, ids)
+    grid_decoder.set_adapter(adapter, spec)
+    try:
+        diff = _max_diff(grid_decoder.logits(ids, prefill=len(prompt)), want)
+    finally:
+        grid_decoder.clear_adapter()
+    print(f"packed base + hot-swapped adapter vs PEFT: max abs diff {diff:.2e}")
+    assert diff < TOL
+
+    merged = grid_decoder.merged(adapter, spec)
+    # The merged weights are off the grid: they stay float32, every other linear stays packed.
+    merged_names = {onnx_io.weight_name(i, m) for i in range(layers) for m in spec.target_modules}
+    assert set(merged.packed) == set(grid_decoder.packed) - merged_names
+    diff = _max_diff(merged.logits(ids, prefill=len(prompt)), want)
+    print(f"packed base with a merged adapter vs PEFT: max abs diff {diff:.2e}")
+    assert diff < TOL

@@ -1,9 +1,153 @@
-"""Subcommands of this component for the `loracast` command line (filled in by its owner)."""
+"""`loracast worker serve | export`: the edge worker's commands.
+
+Imports stay inside the commands, so `loracast --help` stays instant. `python -m worker.cli worker serve ...` is
+the same command without the rest of the `loracast` CLI, whose other commands import torch: an edge device
+serving an exported model never loads it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+
+def _fail(message: object) -> None:
+    print(f"loracast: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    from loracast.paths import cache_root
+
+    return Path(args.cache_dir) if args.cache_dir else cache_root() / "worker"
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from loracast.grpc_common import ClientSecurity, ConfigError, ServerSecurity, read_token_file, wait_for_signal
+    from worker.model_cache import ModelError
+    from worker.server import WorkerConfig, start
+
+    try:
+        tokens = set(args.token) | (read_token_file(Path(args.token_file)) if args.token_file else set())
+        coordinator_token = args.coordinator_token
+        if args.coordinator_token_file:
+            coordinator_token, *more = read_token_file(Path(args.coordinator_token_file))
+            if more:
+                raise ConfigError(f"{args.coordinator_token_file} holds {1 + len(more)} tokens: a client sends one")
+    except ConfigError as exc:
+        _fail(exc)
+    security = ServerSecurity(
+        tls_cert=_path(args.tls_cert),
+        tls_key=_path(args.tls_key),
+        client_ca=_path(args.client_ca),
+        tokens=frozenset(tokens),
+    )
+    coordinator_security = ClientSecurity(
+        tls_ca=_path(args.coordinator_ca),
+        client_cert=_path(args.coordinator_cert),
+        client_key=_path(args.coordinator_key),
+        token=coordinator_token,
+    )
+    config = WorkerConfig(
+        cache_dir=_cache_dir(args),
+        coordinator=args.coordinator,
+        coordinator_security=coordinator_security,
+        listen=args.listen,
+        metrics_port=args.metrics_port,
+        capacity_bytes=int(args.capacity_mb * 2**20),
+        base=args.base,
+        model_dir=_path(args.model),
+        max_new_tokens=args.max_new_tokens,
+        max_concurrent=args.max_concurrent,
+        intra_op_threads=args.threads,
+        security=security,
+    )
+    try:
+        running = start(config)
+    except (ConfigError, ModelError, OSError) as exc:
+        _fail(exc)
+    wait_for_signal(running.server, running.health, running.ready_line())
+    running.stop(0)  # the server has drained already: this releases the metrics port and the coordinator channel
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from google.protobuf.message import DecodeError
+
+    from loracast.adapter_wire import WireError
+    from worker import model_cache
+    from worker.adapter_store import read_installed
+    from worker.onnx_session import OnnxDecoder
+
+    try:
+        model_dir = model_cache.check_exported(args.model) if args.model else model_cache.find(args.base)
+    except model_cache.ModelError as exc:
+        _fail(exc)
+    if model_dir is None:
+        _fail(f"no exported model for base {args.base!r}: run `loracast worker serve --base {args.base}` once")
+    decoder = OnnxDecoder(model_dir / model_cache.MODEL_FILE)
+    cache_dir = _cache_dir(args)
+    try:
+        resident = read_installed(cache_dir, args.adapter, decoder.fingerprint or "")
+    except FileNotFoundError:
+        _fail(f"adapter {args.adapter} is not resident in {cache_dir}: fetch it first (Prefetch, or one Generate)")
+    except (WireError, DecodeError, OSError) as exc:
+        _fail(f"adapter {args.adapter[:80]} cannot be used: {exc}")
+    out = decoder.export_merged(resident.adapter, resident.spec, Path(args.out), adapter_id=args.adapter)
+    print(f"wrote {out} (adapter {args.adapter[:12]}… merged into base {decoder.fingerprint[:12]}…)")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="adapter cache directory (default: $LORACAST_CACHE/worker)")
+    p.add_argument(
+        "--base", default="smollm2", help="'smollm2' or a Hugging Face model directory (its cached ONNX export)"
+    )
+    p.add_argument("--model", help="an exported model directory (model.onnx + tokenizer) instead of --base")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    del sub
+    worker = sub.add_parser("worker", help="the edge worker: generation with adapters in ONNX Runtime")
+    commands = worker.add_subparsers(dest="worker_command", required=True)
+
+    s = commands.add_parser("serve", help="serve Generate / ListAdapters / Prefetch over gRPC until SIGTERM")
+    s.add_argument("--listen", default="127.0.0.1:50052", help="HOST:PORT (port 0 picks a free one)")
+    s.add_argument("--coordinator", help="HOST:PORT of the coordinator (without: resident adapters and base only)")
+    s.add_argument("--metrics-port", type=int, default=9465, help="Prometheus /metrics port (0 picks a free one)")
+    s.add_argument("--capacity-mb", type=float, default=256.0, help="adapter cache size on disk")
+    _model_options(s)
+    s.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens a request may ask for")
+    s.add_argument("--max-concurrent", type=int, default=2, help="generations in flight; more get RESOURCE_EXHAUSTED")
+    s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per run (0: one per core)")
+    s.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    s.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    s.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--token", action="append", default=[], help="accepted bearer token (repeatable)")
+    s.add_argument("--token-file", help="file of accepted bearer tokens, one a line")
+    s.add_argument("--coordinator-ca", help="connect to the coordinator with TLS, trusting this CA")
+    s.add_argument("--coordinator-cert", help="client certificate for the coordinator (mutual TLS)")
+    s.add_argument("--coordinator-key", help="the client certificate's private key")
+    s.add_argument("--coordinator-token", help="bearer token sent to the coordinator")
+    s.add_argument("--coordinator-token-file", help="file holding the coordinator's bearer token")
+    s.set_defaults(func=cmd_serve)
+
+    e = commands.add_parser("export", help="write a standalone .onnx with a resident adapter merged in")
+    e.add_argument("--adapter", required=True, help="id of a resident adapter (see ListAdapters)")
+    e.add_argument("--out", required=True, help="the .onnx file to write")
+    _model_options(e)
+    e.set_defaults(func=cmd_export)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loracast", description="The LoraCast edge worker.")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

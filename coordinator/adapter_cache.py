@@ -1,0 +1,291 @@
+"""The coordinator's adapter cache: content addressed, on disk, bounded by bytes, kept across restarts.
+
+    ROOT/adapters/<adapter id>.adapter   b"LCA1", the manifest's length (uint32 LE), the FLOAT32 manifest, payload
+    ROOT/sources/<source key>            the id of the adapter made from one source text (see `source_key`)
+    ROOT/lock                            held by the one coordinator process that uses ROOT
+
+Adapters are stored once, in float32, the encoding their id is computed from; FLOAT16 is converted when asked
+for and memoized in memory. Every file is written to a temporary sibling, fsynced and renamed into place: a crash
+leaves the old state or the new one, never half a file. Recency (for eviction and ListAdapters) is the adapter
+file's mtime, so it survives a restart. Source texts are never stored: a source key is a SHA-256.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import struct
+import sys
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from loracast import adapter_wire
+from loracast.adapter_format import Adapter
+from loracast.adapter_wire import WireAdapter, WireError
+from loracast.lora_spec import LoraSpec
+from loracast.v1 import loracast_pb2 as pb
+
+MAGIC = b"LCA1"
+_HEADER = struct.Struct("<4sI")
+_SUFFIX = ".adapter"
+_TEMP_SUFFIX = ".tmp"
+_SOURCE_KEY = re.compile(r"[0-9a-f]{64}")
+# Provenance key -> AdapterSummary.source
+SOURCES = {"loracast.description_sha256": "description", "loracast.document_sha256": "document"}
+
+
+class CacheError(RuntimeError):
+    """The cache directory cannot be used (unwritable, or another coordinator holds it)."""
+
+
+class NotCached(LookupError):
+    """No adapter with this id in the cache (never made, evicted, or its file was corrupt and dropped)."""
+
+
+def source_key(kind: str, hypernet_version: str, checkpoint_sha256: str, text: str) -> str:
+    """The index key of one source text: the same text through the same checkpoint always makes the same adapter.
+
+    The checkpoint's own hash is part of it because a retrained checkpoint keeps its hypernet version.
+    """
+    material = json.dumps([kind, hypernet_version, checkpoint_sha256, text], ensure_ascii=False)
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself survives a power loss only once the directory is synced
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _source_of(manifest: pb.AdapterManifest) -> str:
+    return next((name for key, name in SOURCES.items() if key in manifest.provenance), "")
+
+
+class AdapterCache:
+    """Thread-safe. `capacity_bytes` bounds the files on disk (least recently used go first; the newest adapter
+    always stays); `memo_bytes` bounds the FLOAT16 encodings kept in memory."""
+
+    def __init__(self, root: Path, capacity_bytes: int | None = None, memo_bytes: int = 64 * 2**20) -> None:
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self.memo_bytes = memo_bytes
+        self._adapters = self.root / "adapters"
+        self._sources = self.root / "sources"
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[pb.AdapterManifest, int]] = OrderedDict()  # LRU first
+        self._memo: OrderedDict[str, WireAdapter] = OrderedDict()
+        self._memo_size = 0
+        try:
+            self._adapters.mkdir(parents=True, exist_ok=True)
+            self._sources.mkdir(exist_ok=True)
+            self._lock_file = open(self.root / "lock", "wb")  # noqa: SIM115 - held until close()
+        except OSError as exc:
+            raise CacheError(f"cannot use the cache directory {self.root}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise CacheError(f"another coordinator uses the cache directory {self.root}: give each its own") from None
+        self._load()
+
+    def close(self) -> None:
+        self._lock_file.close()  # releases the flock
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def find(self, key: str, dtype: int) -> WireAdapter | None:
+        """The adapter made before from the source with this key, in `dtype`; None if there is none."""
+        path = self._source_path(key)
+        try:
+            pointer = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return self.get(adapter_wire.check_adapter_id(pointer.decode("ascii", "replace")), dtype)
+        except (NotCached, WireError):  # evicted since, or a damaged index file
+            with self._lock:  # unless a put has just pointed it at a new adapter
+                if path.exists() and path.read_bytes() == pointer:
+                    path.unlink()
+            return None
+
+    def get(self, adapter_id: str, dtype: int) -> WireAdapter:
+        """The adapter with this id in `dtype`. Raises WireError for a malformed id, NotCached for an unknown one."""
+        adapter_wire.check_adapter_id(adapter_id)  # before the id goes anywhere near a path
+        dtype = adapter_wire.wire_dtype(dtype)
+        with self._lock:
+            if adapter_id not in self._entries:
+                raise NotCached(adapter_id)
+            manifest, file_size = self._entries[adapter_id]
+            self._entries.move_to_end(adapter_id)
+            memoized = self._memo.get(adapter_id) if dtype == pb.FLOAT16 else None
+            if memoized is not None:
+                self._memo.move_to_end(adapter_id)
+        path = self._adapter_path(adapter_id)
+        try:
+            os.utime(path)  # recency that outlives this process
+            if memoized is not None:
+                return memoized
+            wire = WireAdapter(manifest, self._read_payload(path, manifest, file_size))
+        except (FileNotFoundError, WireError) as exc:  # other OSErrors (EIO, EMFILE) say nothing about the file
+            self._drop(adapter_id, f"cannot read {path.name} ({exc}); dropped from the cache")
+            raise NotCached(adapter_id) from None
+        return self._in_dtype(wire, dtype)
+
+    def entries(self) -> list[pb.AdapterManifest]:
+        """The FLOAT32 manifests of every cached adapter, most recently used first."""
+        with self._lock:
+            return [manifest for manifest, _ in reversed(self._entries.values())]
+
+    def summaries(self) -> list[pb.AdapterSummary]:
+        return [
+            pb.AdapterSummary(
+                adapter_id=m.adapter_id,
+                hypernet_version=m.hypernet_version,
+                source=_source_of(m),
+                size_bytes=m.total_size,
+            )
+            for m in self.entries()
+        ]
+
+    @property
+    def size_bytes(self) -> int:
+        with self._lock:
+            return sum(size for _, size in self._entries.values())
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def put(self, key: str, adapter: Adapter, spec: LoraSpec, metadata: Mapping[str, str], dtype: int) -> WireAdapter:
+        """Store a generated adapter under its content id and index it under its source key; returns it in `dtype`."""
+        wire = adapter_wire.encode(adapter, spec, metadata, pb.FLOAT32)
+        adapter_id = wire.manifest.adapter_id
+        manifest = wire.manifest.SerializeToString()
+        data = _HEADER.pack(MAGIC, len(manifest)) + manifest + wire.payload
+        _write_atomically(self._adapter_path(adapter_id), data)
+        with self._lock:
+            self._entries[adapter_id] = (wire.manifest, len(data))
+            self._entries.move_to_end(adapter_id)
+            evicted = self._evict()
+        _write_atomically(self._source_path(key), adapter_id.encode())
+        for victim in evicted:
+            self._adapter_path(victim).unlink(missing_ok=True)
+        return self._in_dtype(wire, dtype)
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _adapter_path(self, adapter_id: str) -> Path:
+        return self._adapters / f"{adapter_id}{_SUFFIX}"
+
+    def _source_path(self, key: str) -> Path:
+        if not _SOURCE_KEY.fullmatch(key):
+            raise ValueError(f"a source key is a SHA-256 in hex, not {key[:80]!r}")
+        return self._sources / key
+
+    def _in_dtype(self, fp32: WireAdapter, dtype: int) -> WireAdapter:
+        if adapter_wire.wire_dtype(dtype) == pb.FLOAT32:
+            return fp32
+        adapter, spec, metadata = adapter_wire.decode(fp32.manifest, fp32.payload)
+        wire = adapter_wire.encode(adapter, spec, metadata, dtype)
+        adapter_id, size = wire.manifest.adapter_id, len(wire.payload)
+        with self._lock:
+            if size <= self.memo_bytes and adapter_id in self._entries and adapter_id not in self._memo:
+                self._memo[adapter_id] = wire
+                self._memo_size += size
+                while self._memo_size > self.memo_bytes:
+                    _, old = self._memo.popitem(last=False)
+                    self._memo_size -= len(old.payload)
+        return wire
+
+    def _evict(self) -> list[str]:
+        """Under the lock: forget least recently used adapters over capacity; returns their ids (files to delete)."""
+        victims: list[str] = []
+        if self.capacity_bytes is None:
+            return victims
+        total = sum(size for _, size in self._entries.values())
+        while total > self.capacity_bytes and len(self._entries) > 1:
+            adapter_id, (_, size) = self._entries.popitem(last=False)
+            self._forget_memo(adapter_id)
+            victims.append(adapter_id)
+            total -= size
+        return victims
+
+    def _forget_memo(self, adapter_id: str) -> None:
+        old = self._memo.pop(adapter_id, None)
+        if old is not None:
+            self._memo_size -= len(old.payload)
+
+    def _drop(self, adapter_id: str, why: str) -> None:
+        print(f"coordinator cache: adapter {adapter_id[:12]}…: {why}", file=sys.stderr, flush=True)
+        with self._lock:
+            self._entries.pop(adapter_id, None)
+            self._forget_memo(adapter_id)
+            self._adapter_path(adapter_id).unlink(missing_ok=True)
+
+    @staticmethod
+    def _read_manifest(path: Path) -> tuple[pb.AdapterManifest, int]:
+        """The manifest of a cache file, checked against the file's name and size; and that size."""
+        with open(path, "rb") as f:
+            magic, length = _HEADER.unpack(f.read(_HEADER.size).ljust(_HEADER.size, b"\0"))
+            if magic != MAGIC:
+                raise WireError("not a LoraCast cache file")
+            try:
+                manifest = pb.AdapterManifest.FromString(f.read(length))
+            except DecodeError as exc:
+                raise WireError(f"unreadable manifest ({exc})") from None
+            file_size = os.fstat(f.fileno()).st_size
+        adapter_wire.check_manifest(manifest)
+        if manifest.adapter_id != path.name.removesuffix(_SUFFIX) or manifest.dtype != pb.FLOAT32:
+            raise WireError("the manifest does not match the file name, or is not FLOAT32")
+        if file_size != _HEADER.size + length + manifest.total_size:
+            raise WireError(f"{file_size} bytes, not what the manifest says")
+        return manifest, file_size
+
+    @staticmethod
+    def _read_payload(path: Path, manifest: pb.AdapterManifest, file_size: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(file_size - manifest.total_size)  # the payload is the file's tail
+            payload = f.read()
+        if len(payload) != manifest.total_size or hashlib.sha256(payload).hexdigest() != manifest.payload_sha256:
+            raise WireError("the payload does not match its manifest (a damaged file)")
+        return payload
+
+    def _load(self) -> None:
+        """Rebuild the in-memory index from the files; damaged ones and leftovers of a crash are removed."""
+        for directory in (self._adapters, self._sources):
+            for leftover in directory.glob(f".*{_TEMP_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
+        found = []
+        for path in self._adapters.glob(f"*{_SUFFIX}"):
+            try:
+                manifest, file_size = self._read_manifest(path)
+                mtime = path.stat().st_mtime_ns
+            except (OSError, WireError) as exc:
+                print(f"coordinator cache: removing {path.name}: {exc}", file=sys.stderr, flush=True)
+                path.unlink(missing_ok=True)
+                continue
+            found.append((mtime, manifest, file_size))
+        for _, manifest, size in sorted(found, key=lambda item: item[0]):
+            self._entries[manifest.adapter_id] = (manifest, size)
+        with self._lock:
+            evicted = self._evict()  # the capacity may have shrunk since the last run
+        for victim in evicted:
+            self._adapter_path(victim).unlink(missing_ok=True)

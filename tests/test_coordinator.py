@@ -1,0 +1,550 @@
+"""The coordinator over real gRPC on loopback, with a tiny random Llama and a T2L checkpoint trained for it.
+
+Servers run in this process (the hypernetwork loaded once and shared) except in the CLI tests, which run
+`loracast coordinator serve` as operators do. Readiness is the health service's SERVING, never a sleep; a blocked
+generation is an Event the test releases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.adapter_cache import AdapterCache, NotCached, source_key
+from coordinator.server import MIN_RETRY_MS, CoordinatorConfig, RunningCoordinator, start
+from hypernet.generate import MAX_DESCRIPTION_CHARS, TextToLoRAGenerator
+from loracast import adapter_wire
+from loracast.adapter_format import META_FINGERPRINT, Adapter, as_float32
+from loracast.grpc_common import (
+    RETRY_AFTER_MS,
+    ClientSecurity,
+    ConfigError,
+    ServerSecurity,
+    open_channel,
+    wait_until_serving,
+)
+from loracast.lora_spec import LoraSpec
+from loracast.v1 import loracast_pb2 as pb
+from loracast.v1 import loracast_pb2_grpc as pb_grpc
+
+LORACAST = Path(sys.executable).with_name("loracast")
+TASK = "Reverse the given list."
+OTHER_TASK = "Write the word in capitals."
+READY = re.compile(r"loracast coordinator ready: grpc=(?P<grpc>\S+:\d+) metrics=http://(?P<metrics>\S+:\d+)/metrics")
+TIMEOUT = 60.0  # seconds for one call on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_t2l: Path) -> TextToLoRAGenerator:
+    return TextToLoRAGenerator(tiny_t2l)
+
+
+class Recorder:
+    """The real generator, recording each pass; `gate` holds a pass until the test sets it, `after` runs after one."""
+
+    def __init__(
+        self,
+        inner: TextToLoRAGenerator,
+        gate: threading.Event | None = None,
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        self.inner, self.gate, self.after = inner, gate, after
+        self.path, self.fingerprint, self.spec = inner.path, inner.fingerprint, inner.spec
+        self.calls: list[str] = []
+        self.started = threading.Event()
+
+    def generate(self, text: str) -> Adapter:
+        self.calls.append(text)
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(TIMEOUT)
+        adapter = self.inner.generate(text)
+        if self.after is not None:
+            self.after()
+        return adapter
+
+    def metadata(self, text: str) -> dict[str, str]:
+        return self.inner.metadata(text)
+
+
+@contextlib.contextmanager
+def serving(
+    cache_dir: Path,
+    hypernet: Recorder,
+    client: ClientSecurity | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    **overrides,
+) -> Iterator[tuple[RunningCoordinator, pb_grpc.CoordinatorStub]]:
+    """A coordinator on 127.0.0.1:<free port>, SERVING, and a stub on a channel with `client` security."""
+    config = CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", metrics_port=None, **overrides)
+    running = start(config, hypernet, clock=clock)
+    channel = open_channel(f"127.0.0.1:{running.port}", client)
+    try:
+        wait_until_serving(channel, timeout=TIMEOUT)
+        yield running, pb_grpc.CoordinatorStub(channel)
+    finally:
+        channel.close()
+        running.stop(None)
+
+
+def describe(stub: pb_grpc.CoordinatorStub, description: str, dtype: int = pb.FLOAT32, **kw) -> pb.GenerateResponse:
+    request = pb.GenerateFromDescriptionRequest(description=description, dtype=dtype)
+    return stub.GenerateFromDescription(request, timeout=kw.pop("timeout", TIMEOUT), **kw)
+
+
+def fetch(stub: pb_grpc.CoordinatorStub, adapter_id: str, dtype: int = pb.FLOAT32, **kw) -> tuple:
+    """(manifest, payload from the requested offset), checking the stream's shape on the way."""
+    request = pb.FetchAdapterRequest(adapter_id=adapter_id, dtype=dtype, **kw)
+    first, *rest = stub.FetchAdapter(request, timeout=TIMEOUT)
+    assert first.WhichOneof("part") == "manifest"
+    offset, parts = request.offset, []
+    for message in rest:
+        assert message.WhichOneof("part") == "data" and message.data.offset == offset
+        offset += len(message.data.data)
+        parts.append(message.data.data)
+    assert offset == first.manifest.total_size
+    return first.manifest, b"".join(parts)
+
+
+def refused(call: Callable[[], object], code: grpc.StatusCode) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        result = call()
+        if isinstance(result, Iterator):
+            list(result)
+    error = info.value
+    assert error.code() == code, error.details()
+    assert "Traceback" not in (error.details() or "")
+    return error
+
+
+def files_containing(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_generate_then_fetch_is_the_generators_adapter(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+    recorder = Recorder(generator)
+    with serving(tmp_path / "cache", recorder) as (_, stub):
+        reply = describe(stub, TASK)
+        assert not reply.cached and reply.generation_seconds > 0
+        manifest, payload = fetch(stub, reply.manifest.adapter_id)
+        assert manifest == reply.manifest
+        adapter, spec, metadata = adapter_wire.decode(manifest, payload)
+        expected = generator.generate(TASK)
+        assert set(adapter) == set(expected) and spec == generator.spec
+        assert metadata == generator.metadata(TASK)
+        for key, (a, b) in expected.items():  # float32 is bit-exact
+            assert np.array_equal(adapter[key][0], as_float32(a)) and np.array_equal(adapter[key][1], as_float32(b))
+
+        # The server's default dtype is FLOAT16: the same adapter (same id), half the bytes, rounded.
+        reply16 = describe(stub, TASK, pb.DTYPE_UNSPECIFIED)
+        assert reply16.cached and reply16.manifest.dtype == pb.FLOAT16
+        assert reply16.manifest.adapter_id == manifest.adapter_id
+        manifest16, payload16 = fetch(stub, manifest.adapter_id, pb.DTYPE_UNSPECIFIED)
+        assert manifest16 == reply16.manifest and len(payload16) * 2 == len(payload)
+        adapter16, _, _ = adapter_wire.decode(manifest16, payload16)
+        for key, (a, b) in expected.items():
+            np.testing.assert_allclose(adapter16[key][0], as_float32(a), rtol=1e-3, atol=1e-7)
+            np.testing.assert_allclose(adapter16[key][1], as_float32(b), rtol=1e-3, atol=1e-7)
+
+        about = stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT)
+        assert about.base_fingerprint == generator.fingerprint and about.base_name == "smollm2"
+        (t2l,) = about.hypernetworks
+        assert (t2l.kind, t2l.rank, tuple(t2l.target_modules)) == ("t2l", spec.r, spec.target_modules)
+        assert t2l.hypernet_version == manifest.hypernet_version != ""
+        listed = stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters
+        assert [(a.adapter_id, a.source, a.size_bytes) for a in listed] == [
+            (manifest.adapter_id, "description", len(payload))
+        ]
+    assert recorder.calls == [TASK]
+
+
+def test_a_description_is_generated_once_even_across_restarts(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+    cache_dir, recorder = tmp_path / "cache", Recorder(generator)
+    with serving(cache_dir, recorder) as (_, stub):
+        first = describe(stub, TASK)
+        again = describe(stub, f"  {TASK}\n")  # the same task, as typed differently
+        assert not first.cached and again.cached and again.generation_seconds == 0
+        assert again.manifest == first.manifest
+        other = describe(stub, OTHER_TASK)
+        assert not other.cached and other.manifest.adapter_id != first.manifest.adapter_id
+        ids = [a.adapter_id for a in stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters]
+        assert ids == [other.manifest.adapter_id, first.manifest.adapter_id]  # most recent first
+        fetch(stub, first.manifest.adapter_id)
+        ids = [a.adapter_id for a in stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters]
+        assert ids == [first.manifest.adapter_id, other.manifest.adapter_id]
+    assert recorder.calls == [TASK, OTHER_TASK]
+
+    restarted = Recorder(generator)
+    with serving(cache_dir, restarted) as (_, stub):
+        reply = describe(stub, TASK)
+        assert reply.cached and reply.manifest == first.manifest
+        listed = stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters
+        assert {a.adapter_id for a in listed} == {first.manifest.adapter_id, other.manifest.adapter_id}
+    assert restarted.calls == []
+    assert files_containing(cache_dir, TASK.encode()) == []  # only the description's hash is kept
+
+
+def _big_adapter(rng: np.random.Generator) -> dict:
+    """512 KiB in float32: several chunks of the smallest size."""
+    return {
+        (layer, "q_proj"): (rng.standard_normal((8, 4096), np.float32), rng.standard_normal((4096, 8), np.float32))
+        for layer in range(2)
+    }
+
+
+def test_fetch_resumes_from_an_offset(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+    with serving(tmp_path / "cache", Recorder(generator)) as (running, stub):
+        metadata = {
+            META_FINGERPRINT: generator.fingerprint,
+            adapter_wire.META_HYPERNET_VERSION: "t2l-test",
+            "loracast.description_sha256": "0" * 64,
+        }
+        key = source_key("t2l", "t2l-test", "0" * 64, "a big adapter")
+        adapter = _big_adapter(np.random.default_rng(0))
+        wire = running.cache.put(key, adapter, LoraSpec(("q_proj",)), metadata, pb.FLOAT32)
+        adapter_id, chunk = wire.manifest.adapter_id, adapter_wire.MIN_CHUNK
+        for dtype in (pb.FLOAT32, pb.FLOAT16):
+            request = pb.FetchAdapterRequest(adapter_id=adapter_id, dtype=dtype, chunk_size=chunk)
+            call = stub.FetchAdapter(request, timeout=TIMEOUT)
+            manifest, received = next(call).manifest, b""
+            for _ in range(3):  # then the connection "breaks"
+                data = next(call).data
+                assert data.offset == len(received) and len(data.data) == chunk
+                received += data.data
+            call.cancel()
+            assert len(received) < manifest.total_size
+
+            resumed_manifest, rest = fetch(stub, adapter_id, dtype, offset=len(received), chunk_size=chunk)
+            assert resumed_manifest == manifest
+            payload = received + rest
+            assert hashlib.sha256(payload).hexdigest() == manifest.payload_sha256
+            adapter_wire.decode(manifest, payload)  # verifies size, SHA-256 and (float32) the content id
+
+            at_end, nothing = fetch(stub, adapter_id, dtype, offset=manifest.total_size)
+            assert at_end == manifest and nothing == b""
+
+
+def _put_small(cache: AdapterCache, seed: int) -> tuple[str, str]:
+    """Store a 4 KiB adapter; returns its id and source key."""
+    rng = np.random.default_rng(seed)
+    adapter = {(0, "q_proj"): (rng.standard_normal((8, 64), np.float32), rng.standard_normal((64, 8), np.float32))}
+    metadata = {META_FINGERPRINT: "f" * 64, "loracast.description_sha256": f"{seed:064x}"}
+    key = source_key("t2l", "t2l-test", "0" * 64, f"task {seed}")
+    return cache.put(key, adapter, LoraSpec(("q_proj",)), metadata, pb.FLOAT32).manifest.adapter_id, key
+
+
+def test_cache_evicts_least_recently_used_and_drops_damaged_files(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    cache = AdapterCache(root)
+    a, _ = _put_small(cache, 0)
+    one = cache.size_bytes
+    cache.close()
+
+    cache = AdapterCache(root, capacity_bytes=2 * one)  # reopened: `a` is still there
+    b, b_key = _put_small(cache, 1)
+    assert cache.get(a, pb.FLOAT16).manifest.adapter_id == a  # `a` is now the most recently used
+    c, _ = _put_small(cache, 2)
+    assert [m.adapter_id for m in cache.entries()] == [c, a] and cache.size_bytes == 2 * one
+    assert not (root / "adapters" / f"{b}.adapter").exists() and cache.find(b_key, pb.FLOAT32) is None
+    with pytest.raises(NotCached):
+        cache.get(b, pb.FLOAT32)
+    with pytest.raises(adapter_wire.WireError):
+        cache.get("../../etc/passwd", pb.FLOAT32)
+
+    damaged = root / "adapters" / f"{a}.adapter"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(data)
+    with pytest.raises(NotCached):
+        cache.get(a, pb.FLOAT32)
+    assert not damaged.exists()
+
+    truncated = root / "adapters" / f"{c}.adapter"
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    (root / "adapters" / f".{c}.adapter.x1y2.tmp").write_bytes(b"half a write")
+    cache.close()
+    cache = AdapterCache(root)
+    assert cache.entries() == [] and list((root / "adapters").iterdir()) == []
+    cache.close()
+
+
+def test_malformed_requests_are_invalid_and_unknown_ids_not_found(
+    tmp_path: Path, generator: TextToLoRAGenerator
+) -> None:
+    recorder = Recorder(generator)
+    with serving(tmp_path / "cache", recorder) as (_, stub):
+        for description in ("", "  \n\t ", "x" * (MAX_DESCRIPTION_CHARS + 1)):
+            refused(lambda d=description: describe(stub, d), grpc.StatusCode.INVALID_ARGUMENT)
+        refused(lambda: describe(stub, TASK, dtype=7), grpc.StatusCode.INVALID_ARGUMENT)
+
+        manifest = describe(stub, TASK).manifest
+        adapter_id = manifest.adapter_id
+        for request in (
+            pb.FetchAdapterRequest(adapter_id="../../etc/passwd"),
+            pb.FetchAdapterRequest(adapter_id=adapter_id.upper()),
+            pb.FetchAdapterRequest(adapter_id=adapter_id, dtype=pb.FLOAT32, offset=manifest.total_size + 1),
+            pb.FetchAdapterRequest(adapter_id=adapter_id, chunk_size=adapter_wire.MIN_CHUNK - 1),
+            pb.FetchAdapterRequest(adapter_id=adapter_id, chunk_size=adapter_wire.MAX_CHUNK + 1),
+            pb.FetchAdapterRequest(adapter_id=adapter_id, dtype=7),
+        ):
+            error = refused(lambda r=request: stub.FetchAdapter(r, timeout=TIMEOUT), grpc.StatusCode.INVALID_ARGUMENT)
+            assert error.details()
+        error = refused(
+            lambda: stub.FetchAdapter(pb.FetchAdapterRequest(adapter_id="0" * 64), timeout=TIMEOUT),
+            grpc.StatusCode.NOT_FOUND,
+        )
+        assert "0" * 64 in error.details()
+    assert recorder.calls == [TASK]
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    """Wait for a condition another thread makes true; nothing to block on, so look every few milliseconds."""
+    deadline, pause = time.monotonic() + TIMEOUT, threading.Event()
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        pause.wait(0.005)
+
+
+def test_too_many_generations_are_refused_with_retry_after(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+    gate = threading.Event()
+    recorder = Recorder(generator, gate=gate)
+    with serving(tmp_path / "cache", recorder, max_concurrent=1) as (_, stub):
+        request = pb.GenerateFromDescriptionRequest(description=TASK, dtype=pb.FLOAT32)
+        first = stub.GenerateFromDescription.future(request, timeout=TIMEOUT)
+        assert recorder.started.wait(TIMEOUT)
+        assert REGISTRY.get_sample_value("loracast_generations_in_flight") == 1
+
+        error = refused(lambda: describe(stub, OTHER_TASK), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert int(dict(error.trailing_metadata())[RETRY_AFTER_MS]) >= MIN_RETRY_MS
+        # The same description joins the running generation instead of being refused; it counts as a cache hit
+        # as soon as it waits. No deadline on this call: the wait must cope with an unbounded one.
+        hits = {"component": "coordinator", "result": "hit"}
+        hits_before = REGISTRY.get_sample_value("loracast_adapter_cache_requests_total", hits)
+        same = stub.GenerateFromDescription.future(request)
+        _until(lambda: REGISTRY.get_sample_value("loracast_adapter_cache_requests_total", hits) > hits_before)
+        gate.set()
+        made, shared = first.result(timeout=TIMEOUT), same.result(timeout=TIMEOUT)
+        assert not made.cached and shared.cached and shared.manifest == made.manifest
+
+        assert not describe(stub, OTHER_TASK).cached  # the slot is free again
+        assert REGISTRY.get_sample_value("loracast_generations_in_flight") == 0
+    assert recorder.calls == [TASK, OTHER_TASK]
+
+
+def test_a_deadline_shorter_than_a_generation_is_refused_up_front(
+    tmp_path: Path, generator: TextToLoRAGenerator
+) -> None:
+    now = [1000.0]
+
+    def thirty_seconds_pass() -> None:
+        now[0] += 30.0
+
+    recorder = Recorder(generator, after=thirty_seconds_pass)
+    with serving(tmp_path / "cache", recorder, clock=lambda: now[0]) as (_, stub):
+        assert describe(stub, TASK).generation_seconds == 30.0
+        error = refused(lambda: describe(stub, OTHER_TASK, timeout=10.0), grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert "allow more time" in error.details()  # the server's refusal, not the client's own timer
+        assert describe(stub, TASK, timeout=10.0).cached  # a cached adapter needs no generation time
+    assert recorder.calls == [TASK]
+
+
+def test_documents_are_checked_and_never_kept(
+    tmp_path: Path, generator: TextToLoRAGenerator, capfd: pytest.CaptureFixture
+) -> None:
+    marker = "MARKER-5f2e: the vault code is 4711"
+    document = f"Übersicht. {marker}. Straße.".encode()
+    cache_dir = tmp_path / "cache"
+    with serving(cache_dir, Recorder(generator), max_document_bytes=1000) as (_, stub):
+
+        def internalize(*parts: bytes, dtype: int = pb.FLOAT32) -> pb.GenerateResponse:
+            chunks = [pb.DocumentChunk(data=part, dtype=dtype if i == 0 else 0) for i, part in enumerate(parts)]
+            return stub.InternalizeDocument(iter(chunks), timeout=TIMEOUT)
+
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        assert "empty" in refused(lambda: internalize(), invalid).details()
+        assert "empty" in refused(lambda: internalize(b""), invalid).details()
+        assert "empty" in refused(lambda: internalize(b" \n\t "), invalid).details()
+        assert "UTF-8" in refused(lambda: internalize(b"fine so far \xff\xfe"), invalid).details()
+        assert "limit" in refused(lambda: internalize(*[b"a" * 400] * 3), invalid).details()
+        refused(lambda: internalize(document, dtype=7), invalid)
+        # Valid, with a character split across two chunks: checked whole, then no hypernetwork to take it.
+        error = refused(lambda: internalize(document[:1], document[1:]), grpc.StatusCode.FAILED_PRECONDITION)
+        assert error.details() == "no Doc-to-LoRA hypernetwork is loaded"
+    assert files_containing(tmp_path, marker.encode()) == []
+    out, err = capfd.readouterr()
+    assert marker not in out and marker not in err
+
+
+def test_bearer_tokens(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+    security = ServerSecurity(tokens=frozenset({"s3cret", "other-client"}))
+    # serving() waits on health over a channel without a token: health needs none.
+    with serving(tmp_path / "cache", Recorder(generator), security=security) as (running, no_token):
+        target = f"127.0.0.1:{running.port}"
+        refused(lambda: no_token.Describe(pb.DescribeRequest(), timeout=TIMEOUT), grpc.StatusCode.UNAUTHENTICATED)
+        with open_channel(target, ClientSecurity(token="wrong")) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            refused(lambda: stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT), grpc.StatusCode.UNAUTHENTICATED)
+            refused(lambda: describe(stub, TASK), grpc.StatusCode.UNAUTHENTICATED)
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        with open_channel(target, ClientSecurity(token="s3cret")) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            assert stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT).hypernetworks
+            assert not describe(stub, TASK).cached
+
+
+def _certificates(directory: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made by the openssl CLI."""
+    directory.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=loracast test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")  # fmt: skip
+    extensions = {
+        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        "client": "extendedKeyUsage=clientAuth\n",
+    }
+    for name, ext in extensions.items():
+        (directory / f"{name}.ext").write_text(ext)
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=loracast test {name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")  # fmt: skip
+    return {name: directory / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def _describes(target: str, client: ClientSecurity | None) -> bool:
+    """Whether Describe succeeds; a refused handshake surfaces as UNAVAILABLE."""
+    with open_channel(target, client) as channel:
+        try:
+            pb_grpc.CoordinatorStub(channel).Describe(pb.DescribeRequest(), timeout=TIMEOUT)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+            return False
+    return True
+
+
+def test_tls_and_mutual_tls(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+    certs = _certificates(tmp_path / "pki")
+    tls = ServerSecurity(tls_cert=certs["server.pem"], tls_key=certs["server.key"])
+    tls_client = ClientSecurity(tls_ca=certs["ca.pem"])
+    with serving(tmp_path / "cache-tls", Recorder(generator), tls_client, security=tls) as (running, stub):
+        assert stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT).hypernetworks
+        assert not _describes(f"127.0.0.1:{running.port}", None)  # plaintext
+
+    mutual = ServerSecurity(tls_cert=certs["server.pem"], tls_key=certs["server.key"], client_ca=certs["ca.pem"])
+    with_cert = ClientSecurity(tls_ca=certs["ca.pem"], client_cert=certs["client.pem"], client_key=certs["client.key"])
+    with serving(tmp_path / "cache-mtls", Recorder(generator), with_cert, security=mutual) as (running, stub):
+        assert not describe(stub, TASK).cached
+        target = f"127.0.0.1:{running.port}"
+        assert not _describes(target, tls_client)  # TLS, but no client certificate
+        assert not _describes(target, None)
+
+
+def test_start_refuses_configurations_that_cannot_work(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+    cache_dir = tmp_path / "cache"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match="cannot listen"):
+            start(CoordinatorConfig(cache_dir=cache_dir, listen=f"127.0.0.1:{port}", metrics_port=None), generator)
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="50051", metrics_port=None), generator)
+    with pytest.raises(ConfigError, match="at least 1"):
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", max_concurrent=0), generator)
+    missing = ServerSecurity(tls_cert=tmp_path / "missing.pem", tls_key=tmp_path / "missing.key")
+    with pytest.raises(ConfigError, match="cannot read"):
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", security=missing), generator)
+    with serving(cache_dir, Recorder(generator)), pytest.raises(ConfigError, match="another coordinator"):
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", metrics_port=None), generator)
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_cli_serves_until_sigterm_with_metrics(tmp_path: Path, tiny_t2l: Path, tiny_base_dir: Path) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text("\n  cli-token  \n")
+    argv = [str(LORACAST), "coordinator", "serve", "--listen", "127.0.0.1:0", "--metrics-port", "0",
+            "--cache-dir", str(tmp_path / "cache"), "--checkpoint", str(tiny_t2l), "--base", str(tiny_base_dir),
+            "--token-file", str(token_file)]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True).start()
+        line = lines.get(timeout=300)
+        ready = READY.fullmatch(line.strip())
+        assert ready, f"no ready line: {line!r}; stderr: {process.stderr.read() if process.poll() is not None else ''}"
+        with open_channel(ready["grpc"], ClientSecurity(token="cli-token")) as channel:
+            wait_until_serving(channel, timeout=TIMEOUT)
+            stub = pb_grpc.CoordinatorStub(channel)
+            reply = describe(stub, TASK)
+            _, payload = fetch(stub, reply.manifest.adapter_id)
+        with urllib.request.urlopen(f"http://{ready['metrics']}/metrics", timeout=TIMEOUT) as response:
+            text = response.read().decode()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=TIMEOUT) == 0
+        assert process.stdout.read() == ""  # the ready line was the only one
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+    coordinator = ("component", "coordinator")
+    samples = _samples(text)
+    assert samples[("loracast_adapter_generation_seconds_count", frozenset({("kind", "t2l")}))] == 1
+    assert samples[("loracast_adapter_cache_requests_total", frozenset({coordinator, ("result", "miss")}))] == 1
+    assert samples[("loracast_adapter_cache_requests_total", frozenset({coordinator, ("result", "hit")}))] == 0
+    assert samples[("loracast_adapter_bytes_streamed_total", frozenset({coordinator}))] == len(payload)
+    assert samples[("loracast_adapter_transfer_seconds_count", frozenset({coordinator}))] == 1
+    assert samples[("loracast_generations_in_flight", frozenset())] == 0
+    assert samples[("loracast_coordinator_cached_adapters", frozenset())] == 1
+    rpc = frozenset({coordinator, ("method", "GenerateFromDescription"), ("code", "OK")})
+    assert samples[("loracast_rpc_total", rpc)] == 1
+    assert reply.manifest.adapter_id not in text and TASK not in text
+
+
+def test_cli_bad_configuration_is_one_line_and_status_2(tmp_path: Path, tiny_base_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        cases = {
+            "cannot read the TLS": ["--tls-cert", str(tmp_path / "no.pem"), "--tls-key", str(tmp_path / "no.key")],
+            "cannot listen": ["--listen", f"127.0.0.1:{port}"],
+            "does not exist": ["--checkpoint", str(tmp_path / "none.safetensors"), "--base", str(tiny_base_dir)],
+            "holds no token": ["--token-file", str(tmp_path / "empty-tokens")],
+        }
+        (tmp_path / "empty-tokens").write_text("\n  \n")
+        base = [str(LORACAST), "coordinator", "serve", "--listen", "127.0.0.1:0", "--metrics-port", "0",
+                "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+        processes = {
+            expected: subprocess.Popen([*base, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for expected, args in cases.items()
+        }
+        for expected, process in processes.items():
+            out, err = process.communicate(timeout=300)
+            assert process.returncode == 2 and out == "", (expected, out, err)
+            (line,) = err.splitlines()
+            assert line.startswith("loracast: error: ") and expected in line, line

@@ -1,0 +1,455 @@
+"""Adapters on the worker's disk: an LRU bounded in bytes, filled by resumable, verified transfers.
+
+Layout under the cache directory:
+
+    partial/<id>.manifest   the manifest of a transfer in progress (written before its first data byte)
+    partial/<id>.part       the payload bytes received so far: a broken stream resumes from its size
+    adapters/<id>/          an installed adapter: manifest.pb and payload.bin, exactly as received
+    sources.json            description / document SHA-256 -> adapter id, from the coordinator's earlier answers
+
+A payload is verified (size, SHA-256, and the content id for float32) with `adapter_wire.decode` before it is
+moved into `adapters/` with one rename, so a torn or corrupt transfer never becomes an adapter. Recency is the
+manifest file's mtime, so the LRU order survives a restart. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from loracast import adapter_wire
+from loracast.lora_spec import LoraSpec
+from loracast.v1 import loracast_pb2 as pb
+from worker import metrics
+
+PARTIAL, ADAPTERS, SOURCES = "partial", "adapters", "sources.json"
+MANIFEST, PAYLOAD = "manifest.pb", "payload.bin"
+# A broken stream is resumed this many times; codes outside this set (NOT_FOUND, INVALID_ARGUMENT, a deadline,
+# auth) will not change on a retry and go back to the caller as they are.
+RETRIES = 3
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+# (adapter id, offset) -> a FetchAdapter response stream: the manifest, then data chunks from `offset`.
+ChunkSource = Callable[[str, int], Iterable[pb.AdapterChunk]]
+
+
+class StoreError(Exception):
+    """An adapter cannot be installed or used; `code` is the gRPC status the worker answers with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A verified adapter, decoded to float32 and ready to apply."""
+
+    manifest: pb.AdapterManifest
+    adapter: dict[tuple[int, str], tuple]
+    spec: LoraSpec
+    was_resident: bool  # False: it was fetched for this call (or a concurrent one)
+
+
+class _Interrupted(Exception):
+    """The stream broke or misbehaved; what arrived so far is kept and the transfer resumes from there."""
+
+
+class _Transfer:
+    """One transfer in progress, shared by every request for the same adapter."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Resident | None = None
+        self.error: BaseException | None = None
+
+
+def _short(adapter_id: str) -> str:
+    return adapter_id[:12] + "…"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_manifest(path: Path) -> pb.AdapterManifest:
+    """A stored manifest, structurally checked; raises WireError, DecodeError or OSError."""
+    manifest = pb.AdapterManifest.FromString(path.read_bytes())
+    adapter_wire.check_manifest(manifest)
+    return manifest
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read_installed(root: Path, adapter_id: str, fingerprint: str) -> Resident:
+    """An installed adapter under the cache directory `root`, verified; reads only, so any process may call it.
+
+    Raises FileNotFoundError when it is not installed, WireError (or DecodeError) when it is damaged or made for
+    another base model.
+    """
+    adapter_wire.check_adapter_id(adapter_id)
+    directory = Path(root) / ADAPTERS / adapter_id
+    manifest = _read_manifest(directory / MANIFEST)
+    adapter, spec, _ = adapter_wire.decode(manifest, (directory / PAYLOAD).read_bytes())
+    if manifest.adapter_id != adapter_id:
+        raise adapter_wire.WireError(f"{directory} holds adapter {_short(manifest.adapter_id)}")
+    if manifest.base_fingerprint != fingerprint:
+        raise adapter_wire.WireError(
+            f"adapter {_short(adapter_id)} was made for base model {manifest.base_fingerprint[:12]}…, "
+            f"not {fingerprint[:12]}…"
+        )
+    return Resident(manifest, adapter, spec, was_resident=True)
+
+
+class AdapterStore:
+    """Installed adapters for one base model (`fingerprint`), at most `capacity_bytes` of payload on disk."""
+
+    def __init__(self, root: Path, capacity_bytes: int, fingerprint: str, retries: int = RETRIES) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError(f"the adapter cache capacity must be positive, not {capacity_bytes} bytes")
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self.fingerprint = fingerprint
+        self.retries = retries
+        self._partial = self.root / PARTIAL
+        self._adapters = self.root / ADAPTERS
+        self._partial.mkdir(parents=True, exist_ok=True)
+        self._adapters.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, pb.AdapterManifest] = OrderedDict()  # least recently used first
+        self._inflight: dict[str, _Transfer] = {}
+        self._sources: dict[str, str] = {}
+        self._last_use = 0  # ns; see _touch
+        self._reload()
+
+    # -- startup ----------------------------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Re-verify the installed adapters, keep resumable partials, drop everything else."""
+        for path in self._partial.iterdir():
+            stem, _, ext = path.name.partition(".")
+            if ext not in ("part", "manifest") or not self._resumable(stem):
+                _remove(path)
+        found = []
+        for path in self._adapters.iterdir():
+            try:
+                manifest = read_installed(self.root, path.name, self.fingerprint).manifest
+                found.append(((path / MANIFEST).stat().st_mtime_ns, manifest))
+            except (OSError, DecodeError, adapter_wire.WireError) as exc:
+                print(f"worker: dropping cached adapter {path.name[:64]}: {exc}", file=sys.stderr, flush=True)
+                _remove(path)
+        for mtime, manifest in sorted(found, key=lambda item: item[0]):
+            self._entries[manifest.adapter_id] = manifest
+            self._last_use = max(self._last_use, mtime)
+        with self._lock:
+            self._evict(0)  # the capacity may have shrunk since the last run
+        try:
+            sources = json.loads((self.root / SOURCES).read_text())
+            self._sources = {k: v for k, v in sources.items() if isinstance(v, str) and v in self._entries}
+        except (OSError, ValueError, AttributeError):
+            self._sources = {}
+        self._update_gauges()
+
+    def _resumable(self, adapter_id: str) -> bool:
+        try:
+            manifest = _read_manifest(self._partial / f"{adapter_id}.manifest")
+        except (OSError, DecodeError, adapter_wire.WireError):
+            return False
+        part = self._partial / f"{adapter_id}.part"
+        size = part.stat().st_size if part.exists() else 0
+        return (
+            manifest.adapter_id == adapter_id
+            and manifest.base_fingerprint == self.fingerprint
+            and size <= manifest.total_size
+        )
+
+    # -- lookups ----------------------------------------------------------------------------------------------
+
+    def resident(self) -> list[pb.AdapterManifest]:
+        """The installed adapters, most recently used first."""
+        with self._lock:
+            return list(reversed(self._entries.values()))
+
+    def get(self, adapter_id: str) -> Resident | None:
+        """The installed adapter, verified again and marked most recently used; None when it is not installed."""
+        adapter_wire.check_adapter_id(adapter_id)
+        with self._lock:
+            if adapter_id not in self._entries:
+                return None
+            self._entries.move_to_end(adapter_id)
+        try:
+            found = read_installed(self.root, adapter_id, self.fingerprint)
+            with self._lock:
+                if adapter_id in self._entries:
+                    self._touch(adapter_id)
+        except (OSError, DecodeError, adapter_wire.WireError) as exc:
+            with self._lock:
+                if adapter_id in self._entries:  # damaged on disk since it was installed: fetch it again
+                    print(f"worker: dropping cached adapter {adapter_id}: {exc}", file=sys.stderr, flush=True)
+                    self._drop(adapter_id)
+            return None
+        return found
+
+    def recall(self, key: str) -> str | None:
+        """The resident adapter an earlier answer gave for `key` (a source text's SHA-256), if still installed."""
+        with self._lock:
+            adapter_id = self._sources.get(key)
+            return adapter_id if adapter_id in self._entries else None
+
+    def remember(self, key: str, adapter_id: str) -> None:
+        with self._lock:
+            if self._sources.get(key) == adapter_id:
+                return
+            self._sources[key] = adapter_id
+            self._save_sources()
+
+    def _save_sources(self) -> None:
+        """Persist the source index, pruned to installed adapters (so it stays as small as the cache)."""
+        self._sources = {k: v for k, v in self._sources.items() if v in self._entries or v in self._inflight}
+        _write_atomic(self.root / SOURCES, json.dumps(self._sources, sort_keys=True).encode())
+
+    # -- installing -------------------------------------------------------------------------------------------
+
+    def ensure(
+        self, adapter_id: str, source: ChunkSource | None, manifest: pb.AdapterManifest | None = None
+    ) -> Resident:
+        """The adapter, from the cache or fetched through `source` and installed; concurrent calls for the same id
+        share one transfer. `manifest` (from GenerateFromDescription) lets a wrong base be refused before any
+        data is asked for; without it the stream's own manifest is checked first.
+
+        Raises StoreError, or the source's grpc.RpcError when retrying cannot help (NOT_FOUND, auth, a deadline).
+        """
+        try:
+            adapter_wire.check_adapter_id(adapter_id)
+        except adapter_wire.WireError as exc:
+            raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        found = self.get(adapter_id)
+        if found is not None:
+            metrics.CACHE_HITS.inc()
+            return found
+        metrics.CACHE_MISSES.inc()
+        if source is None:
+            raise StoreError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"adapter {_short(adapter_id)} is not resident and this worker has no coordinator to fetch it from",
+            )
+        with self._lock:
+            transfer = self._inflight.get(adapter_id)
+            owner = transfer is None
+            if owner:
+                transfer = self._inflight[adapter_id] = _Transfer()
+        if not owner:
+            transfer.done.wait()
+            if transfer.error is not None:
+                raise transfer.error
+            return transfer.result
+        try:
+            transfer.result = self._fetch(adapter_id, source, manifest)
+            return transfer.result
+        except BaseException as exc:
+            transfer.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._inflight[adapter_id]
+            transfer.done.set()
+
+    def _accept(self, adapter_id: str, manifest: pb.AdapterManifest) -> None:
+        """Checks that need no data: the structure, the id, the base model, the size."""
+        try:
+            adapter_wire.check_manifest(manifest)
+        except adapter_wire.WireError as exc:
+            raise StoreError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"the coordinator sent a bad manifest: {exc}"
+            ) from exc
+        if manifest.adapter_id != adapter_id:
+            raise StoreError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"asked for adapter {_short(adapter_id)}, the coordinator sent {_short(manifest.adapter_id)}",
+            )
+        if manifest.base_fingerprint != self.fingerprint:
+            raise StoreError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"adapter {_short(adapter_id)} was made for base model {manifest.base_fingerprint[:12]}…, this worker "
+                f"serves {self.fingerprint[:12]}…: point the worker at a coordinator for the same base model",
+            )
+        if manifest.total_size > self.capacity_bytes:
+            raise StoreError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"adapter {_short(adapter_id)} has {manifest.total_size} bytes, more than this worker's whole adapter "
+                f"cache ({self.capacity_bytes} bytes): raise --capacity-mb",
+            )
+
+    def _start_partial(self, adapter_id: str, manifest: pb.AdapterManifest) -> None:
+        (self._partial / f"{adapter_id}.part").unlink(missing_ok=True)
+        _write_atomic(self._partial / f"{adapter_id}.manifest", manifest.SerializeToString())
+
+    def _fetch(self, adapter_id: str, source: ChunkSource, manifest: pb.AdapterManifest | None) -> Resident:
+        part = self._partial / f"{adapter_id}.part"
+        stored = self._partial / f"{adapter_id}.manifest"
+        if manifest is not None:
+            self._accept(adapter_id, manifest)
+        # A transfer an earlier call (or run) left half done is resumed, unless it was for other bytes.
+        previous = _read_manifest(stored) if self._resumable(adapter_id) else None
+        if previous is None:
+            part.unlink(missing_ok=True)
+            stored.unlink(missing_ok=True)
+        if manifest is not None and (previous is None or previous.payload_sha256 != manifest.payload_sha256):
+            self._start_partial(adapter_id, manifest)
+
+        start = time.perf_counter()
+        failures, restarted = 0, False
+        while True:
+            # The partial's manifest on disk is the transfer's state: `_receive` writes it before any data.
+            manifest = _read_manifest(stored) if stored.exists() else None
+            offset = part.stat().st_size if part.exists() else 0
+            try:
+                manifest = self._receive(adapter_id, source, manifest, offset)
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                problem = f"{exc.code().name}: {exc.details()}"
+            except _Interrupted as exc:
+                problem = str(exc)
+            else:
+                payload = part.read_bytes()
+                try:
+                    adapter, spec, _ = adapter_wire.decode(manifest, payload)
+                except adapter_wire.WireError as exc:
+                    part.unlink()
+                    if restarted:
+                        stored.unlink()
+                        raise StoreError(
+                            grpc.StatusCode.FAILED_PRECONDITION, f"{exc}; it failed again from scratch: not installed"
+                        ) from None
+                    print(f"worker: {exc}; fetching it again from offset 0", file=sys.stderr, flush=True)
+                    restarted = True
+                    continue
+                self._install(manifest, part)
+                metrics.TRANSFER.observe(time.perf_counter() - start)
+                return Resident(manifest, adapter, spec, was_resident=False)
+            failures += 1
+            if failures > self.retries:
+                raise StoreError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"adapter {_short(adapter_id)}: the transfer broke {failures} times (last: {problem}); "
+                    "what arrived is kept, ask again to resume",
+                )
+            print(f"worker: adapter {_short(adapter_id)}: {problem}; resuming", file=sys.stderr, flush=True)
+
+    def _receive(
+        self, adapter_id: str, source: ChunkSource, manifest: pb.AdapterManifest | None, offset: int
+    ) -> pb.AdapterManifest:
+        """One FetchAdapter call from `offset`, appended to the partial file; returns the manifest in force.
+
+        Raises _Interrupted unless the payload is complete (verifying it is the caller's job).
+        """
+        stream = iter(source(adapter_id, offset))
+        try:
+            first = next(stream, None)
+            if first is None or not first.HasField("manifest"):
+                raise _Interrupted("the stream did not start with a manifest")
+            if manifest is None:
+                self._accept(adapter_id, first.manifest)  # before a single data byte is read
+                manifest = first.manifest
+                self._start_partial(adapter_id, manifest)
+            elif first.manifest.payload_sha256 != manifest.payload_sha256:
+                self._accept(adapter_id, first.manifest)
+                self._start_partial(adapter_id, first.manifest)
+                raise _Interrupted("the coordinator now sends other bytes (another dtype?); starting over")
+            position = offset
+            with open(self._partial / f"{adapter_id}.part", "ab") as f:
+                for message in stream:
+                    if not message.HasField("data"):
+                        raise _Interrupted("a second manifest in the middle of the data")
+                    chunk = message.data
+                    if chunk.offset != position:
+                        raise _Interrupted(f"a chunk at offset {chunk.offset}, expected {position}")
+                    if position + len(chunk.data) > manifest.total_size:
+                        f.truncate(offset)  # over-long: nothing of this call can be trusted
+                        raise _Interrupted(f"more bytes than the manifest's {manifest.total_size}")
+                    f.write(chunk.data)
+                    position += len(chunk.data)
+                    metrics.BYTES_RECEIVED.inc(len(chunk.data))
+                f.flush()
+                os.fsync(f.fileno())
+            if position < manifest.total_size:
+                raise _Interrupted(f"the stream ended at byte {position} of {manifest.total_size}")
+            return manifest
+        finally:
+            cancel = getattr(stream, "cancel", None)
+            if cancel is not None:  # a gRPC call: do not leave it streaming after an early exit
+                cancel()
+
+    def _install(self, manifest: pb.AdapterManifest, part: Path) -> None:
+        """Move a verified payload into adapters/<id>/ with one rename, evicting least recently used ones first."""
+        adapter_id = manifest.adapter_id
+        staging = self._partial / f"{adapter_id}.staging"
+        _remove(staging)
+        staging.mkdir()
+        os.replace(part, staging / PAYLOAD)
+        _write_atomic(staging / MANIFEST, manifest.SerializeToString())
+        with self._lock:
+            self._evict(manifest.total_size)
+            os.replace(staging, self._adapters / adapter_id)
+            self._entries[adapter_id] = manifest
+            self._touch(adapter_id)
+            self._save_sources()
+            self._update_gauges()
+        (self._partial / f"{adapter_id}.manifest").unlink(missing_ok=True)
+
+    def _touch(self, adapter_id: str) -> None:
+        """Record a use in the manifest's mtime, strictly increasing: file timestamps are only as fine as the
+        kernel's clock tick, and two uses in one tick must still keep their order across a restart."""
+        self._last_use = max(time.time_ns(), self._last_use + 1)
+        os.utime(self._adapters / adapter_id / MANIFEST, ns=(self._last_use, self._last_use))
+
+    def _evict(self, incoming: int) -> None:
+        """Drop least recently used adapters until `incoming` more bytes fit. Caller holds the lock."""
+        used = sum(m.total_size for m in self._entries.values())
+        while self._entries and used + incoming > self.capacity_bytes:
+            adapter_id, manifest = next(iter(self._entries.items()))
+            self._drop(adapter_id)
+            used -= manifest.total_size
+
+    def _drop(self, adapter_id: str) -> None:
+        """Uninstall one adapter. Caller holds the lock."""
+        self._entries.pop(adapter_id, None)
+        _remove(self._adapters / adapter_id)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        entries = list(self._entries.values())
+        metrics.RESIDENT_ADAPTERS.set(len(entries))
+        metrics.RESIDENT_BYTES.set(sum(m.total_size for m in entries))

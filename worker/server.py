@@ -1,0 +1,416 @@
+"""The worker's gRPC server: generation with adapters from the coordinator, on the base model in ONNX Runtime.
+
+The serving path imports no torch: ONNX Runtime, numpy, tokenizers and grpcio (the one-time export in
+`worker.model_cache` is the only place torch is used, and only when no exported model is cached).
+
+How a request's adapter is found (`AdapterRef`):
+- task / document: a local index (the text's SHA-256 -> the adapter id the coordinator answered before) finds a
+  resident adapter with no network call, so those keep working while the coordinator is down; otherwise the
+  coordinator generates (or has cached) it and the worker fetches it. An indexed answer is not re-checked with the
+  coordinator (that would cost a round trip per request): an adapter from a retrained hypernetwork replaces it
+  once the old one is evicted.
+- adapter_id: resident, else fetched from the coordinator.
+Concurrent generations share one `OnnxDecoder`: hot-swap sets the adapter and starts decoding under one lock
+(a generation keeps the adapter it started with), merged sessions are kept in a small LRU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health
+from prometheus_client import start_http_server
+
+from loracast import adapter_wire
+from loracast.grpc_common import (
+    RETRY_AFTER_MS,
+    ClientSecurity,
+    ConfigError,
+    ServerSecurity,
+    check_listen,
+    create_server,
+    open_channel,
+    retry_later,
+    start_serving,
+)
+from loracast.paths import DEFAULT_BASE
+from loracast.v1 import loracast_pb2 as pb
+from loracast.v1 import loracast_pb2_grpc as pb_grpc
+from worker import metrics, model_cache
+from worker.adapter_store import AdapterStore, ChunkSource, Resident, StoreError
+from worker.chat import ChatTokenizer
+from worker.onnx_session import OnnxDecoder
+
+COMPONENT = "worker"
+SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+DOCUMENT_CHUNK = 64 * 1024  # bytes per DocumentChunk sent to the coordinator
+BUSY_RETRY_MS = 500  # what a refused client is told to wait: roughly one short generation
+MODES = {pb.APPLY_MODE_UNSPECIFIED: "hot_swap", pb.HOT_SWAP: "hot_swap", pb.MERGED: "merged"}
+
+
+@dataclass
+class WorkerConfig:
+    cache_dir: Path  # the adapter cache (see worker.adapter_store)
+    coordinator: str | None = None  # HOST:PORT; None: resident adapters and the base model only
+    coordinator_security: ClientSecurity = field(default_factory=ClientSecurity)
+    listen: str = "127.0.0.1:50052"
+    metrics_port: int | None = 9465  # 0 picks a free port; None serves no /metrics
+    capacity_bytes: int = 256 * 2**20
+    base: str = DEFAULT_BASE  # 'smollm2' or a Hugging Face directory: its cached ONNX export is used
+    model_dir: Path | None = None  # an exported model directory instead of `base` (no export, no torch ever)
+    max_new_tokens: int = 512  # the most a request may ask for
+    default_new_tokens: int = 128  # when a request says 0
+    max_concurrent: int = 2  # generations in flight; more are refused with RESOURCE_EXHAUSTED
+    merged_sessions: int = 1  # merged-adapter sessions kept (each holds a copy of the model's weights)
+    dtype: int = pb.FLOAT16  # of the adapters fetched
+    intra_op_threads: int = 0  # ONNX Runtime threads per run; 0: one per physical core
+    coordinator_timeout: float = 120.0  # seconds, for one coordinator call (generation or transfer)
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+
+
+class RequestError(Exception):
+    """A request the worker refuses; `code` and the one-line `message` go to the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    """End the call with the status an error carries; anything unexpected is a bug: INTERNAL, traceback to stderr."""
+    if isinstance(exc, RequestError) and exc.retry_after_ms:
+        retry_later(context, exc.retry_after_ms, exc.message)
+    if isinstance(exc, (RequestError, StoreError)):
+        context.abort(exc.code, exc.message)
+    traceback.print_exception(exc, file=sys.stderr)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in the worker ({type(exc).__name__}); see its log")
+
+
+def _text_key(kind: str, data: bytes) -> str:
+    return f"{kind}:{hashlib.sha256(data).hexdigest()}"
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    def __init__(
+        self,
+        config: WorkerConfig,
+        decoder: OnnxDecoder,
+        tokenizer: ChatTokenizer,
+        store: AdapterStore,
+        channel: grpc.Channel | None,
+    ) -> None:
+        self.config = config
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.store = store
+        self._coordinator = pb_grpc.CoordinatorStub(channel) if channel is not None else None
+        self._slots = threading.BoundedSemaphore(config.max_concurrent)
+        self._swap = threading.Lock()  # set_adapter and the start of generate() happen as one step
+        self._merged: OrderedDict[str, OnnxDecoder] = OrderedDict()
+        self._merged_lock = threading.Lock()
+
+    # -- RPCs -------------------------------------------------------------------------------------------------
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateEvent]:
+        try:
+            yield from self._generate(request, context)
+        except Exception as exc:
+            _abort(context, exc)
+
+    def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext) -> pb.ListResidentResponse:
+        resident = self.store.resident()
+        return pb.ListResidentResponse(
+            adapters=[
+                pb.ResidentAdapter(
+                    adapter_id=m.adapter_id, size_bytes=m.total_size, hypernet_version=m.hypernet_version
+                )
+                for m in resident
+            ],
+            capacity_bytes=self.store.capacity_bytes,
+            used_bytes=sum(m.total_size for m in resident),
+        )
+
+    def Prefetch(self, request: pb.PrefetchRequest, context: grpc.ServicerContext) -> pb.PrefetchResponse:
+        try:
+            for ref in request.adapters:
+                if ref.WhichOneof("source") is None:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "an adapter reference with nothing set")
+                self._check_ref(ref)
+            return pb.PrefetchResponse(
+                adapter_ids=[self._resolve(ref, context)[0].manifest.adapter_id for ref in request.adapters]
+            )
+        except Exception as exc:
+            _abort(context, exc)
+
+    # -- generation -------------------------------------------------------------------------------------------
+
+    def _check_ref(self, ref: pb.AdapterRef) -> None:
+        kind = ref.WhichOneof("source")
+        if kind == "task" and not ref.task.strip():
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the task description is empty: describe the task")
+        if kind == "document" and not ref.document:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the document is empty")
+        if kind == "adapter_id":
+            try:
+                adapter_wire.check_adapter_id(ref.adapter_id)
+            except adapter_wire.WireError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+    def _check(self, request: pb.GenerateRequest) -> int:
+        """Refuse what cannot be served before any work; returns the number of tokens to generate at most."""
+        if not request.prompt.strip():
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty: send the user's message")
+        if request.max_new_tokens > self.config.max_new_tokens:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_new_tokens {request.max_new_tokens} is over this worker's limit of {self.config.max_new_tokens}",
+            )
+        if request.mode not in MODES:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown apply mode {request.mode}")
+        if request.HasField("adapter"):
+            self._check_ref(request.adapter)
+        return request.max_new_tokens or min(self.config.default_new_tokens, self.config.max_new_tokens)
+
+    def _generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateEvent]:
+        start = time.perf_counter()
+        max_new = self._check(request)
+        if not self._slots.acquire(blocking=False):
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this worker already runs {self.config.max_concurrent} generations, its maximum: retry later",
+                retry_after_ms=BUSY_RETRY_MS,
+            )
+        try:
+            ref = request.adapter if request.HasField("adapter") and request.adapter.WhichOneof("source") else None
+            resident, fetch_seconds = self._resolve(ref, context) if ref is not None else (None, 0.0)
+            prompt = self.tokenizer.encode_chat(request.prompt)
+            applied = time.perf_counter()
+            mode = MODES[request.mode]
+            ids = self._start_decoding(resident, mode, prompt, max_new)
+            apply_seconds = time.perf_counter() - applied
+            if resident is not None:
+                metrics.APPLY_SECONDS.labels(mode=mode).observe(apply_seconds)
+            yield pb.GenerateEvent(
+                started=pb.GenerateEvent.Started(
+                    adapter_id=resident.manifest.adapter_id if resident else "",
+                    resident=bool(resident and resident.was_resident),
+                )
+            )
+
+            count, first_token = 0, 0.0
+
+            def counted() -> Iterator[int]:
+                nonlocal count
+                last = time.perf_counter()
+                for token in ids:
+                    now = time.perf_counter()
+                    if count:
+                        metrics.INTER_TOKEN.observe(now - last)
+                    last, count = now, count + 1
+                    metrics.GENERATED_TOKENS.inc()
+                    yield token
+                    if not context.is_active():  # cancelled, or the deadline passed: stop decoding
+                        return
+
+            for piece in self.tokenizer.decode_stream(counted()):
+                if not first_token:
+                    first_token = time.perf_counter() - start
+                    metrics.TIME_TO_FIRST_TOKEN.observe(first_token)
+                yield pb.GenerateEvent(token=pb.GenerateEvent.Token(text=piece))
+            if not context.is_active():
+                return
+            timings = pb.Timings(
+                adapter_fetch_seconds=fetch_seconds,
+                apply_seconds=apply_seconds,
+                first_token_seconds=first_token,
+                total_seconds=time.perf_counter() - start,
+            )
+            yield pb.GenerateEvent(done=pb.GenerateEvent.Done(tokens=count, timings=timings))
+        finally:
+            self._slots.release()
+
+    def _start_decoding(self, resident: Resident | None, mode: str, prompt: list[int], max_new: int) -> Iterator[int]:
+        eos = self.tokenizer.eos_id
+        try:
+            if resident is not None and mode == "merged":
+                return self._merged_decoder(resident).generate(prompt, max_new, eos)
+            with self._swap:
+                if resident is None:
+                    self.decoder.clear_adapter()
+                else:
+                    self.decoder.set_adapter(resident.adapter, resident.spec)
+                return self.decoder.generate(prompt, max_new, eos)
+        except ValueError as exc:  # the adapter does not fit this graph (rank, modules, shapes)
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot apply the adapter: {exc}") from None
+
+    def _merged_decoder(self, resident: Resident) -> OnnxDecoder:
+        adapter_id = resident.manifest.adapter_id
+        with self._merged_lock:
+            decoder = self._merged.get(adapter_id)
+            if decoder is None:
+                decoder = self.decoder.merged(resident.adapter, resident.spec)
+                self._merged[adapter_id] = decoder
+                while len(self._merged) > self.config.merged_sessions:
+                    self._merged.popitem(last=False)
+            self._merged.move_to_end(adapter_id)
+            return decoder
+
+    # -- adapters from the coordinator ------------------------------------------------------------------------
+
+    def _resolve(self, ref: pb.AdapterRef, context: grpc.ServicerContext) -> tuple[Resident, float]:
+        """The adapter a reference names, installed; and the seconds spent getting it (0 when resident)."""
+        start = time.perf_counter()
+        kind = ref.WhichOneof("source")
+        source = self._source(context)
+        try:
+            if kind == "adapter_id":
+                resident = self.store.ensure(ref.adapter_id, source)
+            elif kind == "task":
+                key = _text_key("description", ref.task.strip().encode())
+                resident = self._from_text(key, source, lambda: self._describe(ref.task, context))
+            else:
+                key = _text_key("document", ref.document)
+                resident = self._from_text(key, source, lambda: self._internalize(ref.document, context))
+        except grpc.RpcError as exc:
+            raise self._coordinator_error(exc, context, ref) from None
+        return resident, 0.0 if resident.was_resident else time.perf_counter() - start
+
+    def _from_text(self, key: str, source: ChunkSource | None, ask: Callable[[], pb.AdapterManifest]) -> Resident:
+        """The adapter for a task or document: the one an earlier answer gave if it is resident, else ask."""
+        adapter_id = self.store.recall(key)
+        if adapter_id is not None:
+            return self.store.ensure(adapter_id, source)
+        manifest = ask()
+        resident = self.store.ensure(manifest.adapter_id, source, manifest)
+        self.store.remember(key, manifest.adapter_id)
+        return resident
+
+    def _timeout(self, context: grpc.ServicerContext) -> float:
+        return min(context.time_remaining(), self.config.coordinator_timeout)
+
+    def _source(self, context: grpc.ServicerContext) -> ChunkSource | None:
+        if self._coordinator is None:
+            return None
+
+        def fetch(adapter_id: str, offset: int):
+            request = pb.FetchAdapterRequest(adapter_id=adapter_id, dtype=self.config.dtype, offset=offset)
+            return self._coordinator.FetchAdapter(request, timeout=self._timeout(context))
+
+        return fetch
+
+    def _require_coordinator(self) -> pb_grpc.CoordinatorStub:
+        if self._coordinator is None:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                "no resident adapter for this request and this worker has no coordinator: start it with --coordinator",
+            )
+        return self._coordinator
+
+    def _describe(self, task: str, context: grpc.ServicerContext) -> pb.AdapterManifest:
+        request = pb.GenerateFromDescriptionRequest(description=task, dtype=self.config.dtype)
+        return self._require_coordinator().GenerateFromDescription(request, timeout=self._timeout(context)).manifest
+
+    def _internalize(self, document: bytes, context: grpc.ServicerContext) -> pb.AdapterManifest:
+        """Forward the document in chunks; it stays in memory (never on disk or in a log)."""
+        stub = self._require_coordinator()
+        chunks = (
+            pb.DocumentChunk(data=document[i : i + DOCUMENT_CHUNK], dtype=self.config.dtype if i == 0 else 0)
+            for i in range(0, len(document), DOCUMENT_CHUNK)
+        )
+        return stub.InternalizeDocument(chunks, timeout=self._timeout(context)).manifest
+
+    def _coordinator_error(self, exc: grpc.RpcError, context: grpc.ServicerContext, ref: pb.AdapterRef) -> RequestError:
+        """The worker's documented status for a failed coordinator call."""
+        code, details = exc.code(), exc.details()
+        if code == grpc.StatusCode.NOT_FOUND and ref.WhichOneof("source") == "adapter_id":
+            return RequestError(
+                code, f"adapter {ref.adapter_id[:12]}… is neither resident nor known to the coordinator"
+            )
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+            return RequestError(code, f"coordinator: {details}")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"coordinator: {details}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            after = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_MS, "")
+            retry_ms = int(after) if after.isdigit() and int(after) > 0 else BUSY_RETRY_MS
+            return RequestError(code, f"coordinator: {details}", retry_after_ms=retry_ms)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and context.time_remaining() <= 0:
+            return RequestError(code, "the deadline passed while the adapter was being fetched")
+        return RequestError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the adapter is not resident and the coordinator at {self.config.coordinator} cannot be reached "
+            f"({code.name}: {details})",
+        )
+
+
+@dataclass
+class RunningWorker:
+    server: grpc.Server
+    health: health.HealthServicer
+    servicer: WorkerServicer
+    channel: grpc.Channel | None
+    host: str
+    port: int
+    metrics_port: int | None
+    metrics_server: ThreadingHTTPServer | None
+
+    def ready_line(self) -> str:
+        metrics_url = f"http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port is not None else "off"
+        return f"loracast worker ready: grpc={self.host}:{self.port} metrics={metrics_url}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let calls in flight finish for `grace` seconds, then release ports and channels."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+        if self.channel is not None:
+            self.channel.close()
+
+
+def _check_config(config: WorkerConfig) -> None:
+    if config.capacity_bytes <= 0:
+        raise ConfigError(f"the adapter cache capacity must be positive, not {config.capacity_bytes} bytes")
+    if config.max_concurrent < 1 or config.max_new_tokens < 1 or config.merged_sessions < 1:
+        raise ConfigError("max concurrent generations, max new tokens and merged sessions must be at least 1")
+
+
+def start(config: WorkerConfig) -> RunningWorker:
+    """Load the model, reload the adapter cache, and serve; returns once the server is SERVING."""
+    _check_config(config)
+    host = check_listen(config.listen)
+    config.security.credentials()  # unreadable certificates fail now, not after the model has loaded
+    channel = open_channel(config.coordinator, config.coordinator_security) if config.coordinator else None
+    model_dir = model_cache.check_exported(config.model_dir) if config.model_dir else model_cache.prepare(config.base)
+    decoder = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=config.intra_op_threads)
+    if not decoder.fingerprint:
+        raise ConfigError(f"{model_dir} records no base model fingerprint: export it again with `--base`")
+    tokenizer = ChatTokenizer(model_dir)
+    store = AdapterStore(config.cache_dir, config.capacity_bytes, decoder.fingerprint)
+    servicer = WorkerServicer(config, decoder, tokenizer, store, channel)
+    # Threads beyond the generation slots answer ListAdapters, Prefetch and refusals while generations run.
+    server = create_server(COMPONENT, config.security, max_workers=config.max_concurrent + 8)
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    port, health_servicer = start_serving(server, config.listen, config.security, [SERVICE])
+    metrics_server, metrics_port = None, None
+    if config.metrics_port is not None:
+        try:  # not grpc_common.start_metrics: its server could not be shut down by `stop`
+            metrics_server, _ = start_http_server(config.metrics_port, addr=host.strip("[]"))
+        except OSError as exc:
+            server.stop(None)
+            raise ConfigError(f"cannot serve metrics on port {config.metrics_port}: {exc.strerror}") from exc
+        metrics_port = metrics_server.server_port
+    return RunningWorker(server, health_servicer, servicer, channel, host, port, metrics_port, metrics_server)
