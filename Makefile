@@ -30,6 +30,8 @@ test: lint
 
 bench: setup
 	$(BIN)/python bench/bench_t2l_generate.py
+	$(BIN)/python bench/bench_worker_decode.py
+	$(BIN)/python bench/bench_delivery.py
 
 eval: setup
 	$(BIN)/loracast eval t2l --json bench/results/eval_t2l.json
