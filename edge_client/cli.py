@@ -1,8 +1,8 @@
 """`loracast ask`: ask a worker a question with an adapter chosen by task, document or id; stream the answer.
 
-Only argparse at module level: every `loracast` command builds this parser, and gRPC loads only for `ask`.
-`python -m edge_client.cli ask ...` is the same command without the rest of the `loracast` CLI, which imports
-PyTorch before any command runs: an edge device asking a worker needs only grpcio.
+Only argparse at module level: every `loracast` command builds this parser, and gRPC loads only for `ask`, so an
+edge device asking a worker needs only grpcio, never PyTorch. Failures raise a UserError, which `loracast` prints as
+one line with exit status 2.
 """
 
 from __future__ import annotations
@@ -14,20 +14,15 @@ if TYPE_CHECKING:
     from loracast.grpc_common import ClientSecurity
 
 
-def _fail(message: str) -> SystemExit:
-    import sys
-
-    print(f"loracast: error: {message}", file=sys.stderr)
-    return SystemExit(2)
-
-
 def _read(path: str, flag: str) -> bytes:
     from pathlib import Path
+
+    from loracast.errors import UserError
 
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise _fail(f"cannot read {flag} {path}: {exc.strerror}") from None
+        raise UserError(f"cannot read {flag} {path}: {exc.strerror}") from exc
 
 
 def _count(value: str) -> int:
@@ -62,8 +57,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
     import json
     import sys
 
-    from edge_client.client import Done, EdgeClient, EdgeError
-    from loracast.grpc_common import ConfigError
+    from edge_client.client import Done, EdgeClient
+    from loracast.errors import UserError
 
     options = {
         "task": args.task,
@@ -94,11 +89,11 @@ def cmd_ask(args: argparse.Namespace) -> None:
                 elif isinstance(event, Done):
                     print()
                     printed = False
-    except (EdgeError, ConfigError) as exc:
+    except UserError:
         if printed:  # end the partial answer's line so the error stands on its own
             print()
-        raise _fail(str(exc)) from None
-    except KeyboardInterrupt:
+        raise
+    except KeyboardInterrupt:  # Ctrl-C stops a streaming answer: the shell's status for it, not a traceback
         raise SystemExit(130) from None
 
 
@@ -125,17 +120,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     token.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
     p.add_argument("question", help="the user turn")
     p.set_defaults(func=cmd_ask)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loracast", description="Ask a LoraCast worker.")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -30,12 +30,13 @@ from peft import PeftModel
 from test_onnx_session import TOL, _max_diff, _reference_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loracast import adapter_format, adapter_wire
+from loracast import adapter_format, adapter_wire, cli
 from loracast.grpc_common import RETRY_AFTER_MS, ClientSecurity, ServerSecurity, open_channel, wait_until_serving
+from loracast.launch import LORACAST
 from loracast.lora_spec import LoraSpec
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
-from worker import cli, metrics, model_cache, onnx_io
+from worker import metrics, model_cache, onnx_io
 from worker import server as worker_server
 from worker.adapter_store import read_installed
 from worker.chat import ChatTokenizer
@@ -84,6 +85,31 @@ def test_the_first_start_exports_in_a_child_process_and_a_changed_model_is_expor
     assert model_cache.find(str(base), root) == exported
     os.utime(base / "config.json", ns=(1, 1))  # the source model changed: its cached export no longer counts
     assert model_cache.find(str(base), root) is None
+
+
+def _metadata(graph: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
+
+
+def test_an_export_for_another_graph_io_version_is_missing_and_exported_again(
+    tiny_base_dir, model_dir, cache_root, tmp_path
+):
+    root = tmp_path / "onnx"
+    shutil.copytree(cache_root / "onnx", root)
+    stale = root / model_dir.name
+    graph_file = stale / model_cache.MODEL_FILE
+    assert model_cache.graph_metadata(graph_file) == _metadata(graph_file)
+    assert model_cache.find(str(tiny_base_dir), root) == stale
+    graph = onnx.load(str(graph_file))
+    onnx.helper.set_model_props(graph, {**_metadata(graph_file), onnx_io.META_VERSION: "0"})
+    onnx.save(graph, str(graph_file))
+
+    assert model_cache.find(str(tiny_base_dir), root) is None
+    with pytest.raises(model_cache.ModelError, match="graph io version 0, this worker runs version"):
+        model_cache.check_exported(stale)
+    assert model_cache.export(str(tiny_base_dir), root) == stale
+    assert model_cache.find(str(tiny_base_dir), root) == stale
+    assert _metadata(graph_file)[onnx_io.META_VERSION] == onnx_io.IO_VERSION
 
 
 def random_wire(tiny_base_dir: Path, fingerprint: str, seed: int) -> adapter_wire.WireAdapter:
@@ -606,9 +632,12 @@ def test_with_tokens_configured_unauthenticated_calls_are_refused(start_worker, 
 
 def _cli(cache_root: Path, *args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "LORACAST_CACHE": str(cache_root)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "worker", *args], cwd=REPO, env=env, text=True, **kwargs
-    )
+    return subprocess.Popen([str(LORACAST), "worker", *args], cwd=REPO, env=env, text=True, **kwargs)
+
+
+def _mapped_files(pid: int) -> str:
+    """The shared libraries and files a running process has mapped: an imported torch shows as torch/lib/*.so."""
+    return Path(f"/proc/{pid}/maps").read_text()
 
 
 def test_cli_serve_prints_its_ready_line_and_exits_0_on_sigterm(model_dir, tiny_base_dir, cache_root, tmp_path):
@@ -627,6 +656,8 @@ def test_cli_serve_prints_its_ready_line_and_exits_0_on_sigterm(model_dir, tiny_
             text = page.read().decode()
         assert f"loracast_generated_tokens_total {float(NEW_TOKENS)}" in text
         assert 'loracast_rpc_total{code="OK",component="worker",method="Generate"} 1.0' in text
+        mapped = _mapped_files(process.pid)
+        assert "onnxruntime" in mapped and "libtorch" not in mapped, "`loracast worker serve` loaded torch"
         process.send_signal(signal.SIGTERM)
         assert process.wait(WAIT) == 0
     finally:
@@ -642,6 +673,7 @@ def test_cli_serve_prints_its_ready_line_and_exits_0_on_sigterm(model_dir, tiny_
         ["--token-file", "/nonexistent"],
         ["--listen", "localhost"],
         ["--base", "/nope"],
+        ["--cache-dir", "/dev/null"],  # fails only when the adapter store creates its directories
     ],
 )
 def test_cli_bad_configuration_is_one_line_and_exit_2(args, model_dir, cache_root, tmp_path):
@@ -693,11 +725,12 @@ def test_worker_export_writes_a_model_plain_onnxruntime_runs(
     decoder = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=1)
     assert _max_diff(logits, decoder.merged(received.adapter, received.spec).logits(ids)) < TOL
 
-    with pytest.raises(SystemExit) as info:
-        cli.main(["worker", "export", "--adapter", "f" * 64, "--out", str(tmp_path / "x.onnx"), *base_args])
-    assert info.value.code == 2
+    assert cli.main(["worker", "export", "--adapter", "f" * 64, "--out", str(tmp_path / "x.onnx"), *base_args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loracast: error: adapter ffff") and "not resident" in err and len(err.splitlines()) == 1
+    assert cli.main(["worker", "export", "--adapter", adapter_id, "--out", str(tmp_path), *base_args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"loracast: error: cannot write --out {tmp_path}: Is a directory: give a writable file path\n"
 
 
 NO_TORCH = """

@@ -1,20 +1,14 @@
 """`loracast worker serve | export`: the edge worker's commands.
 
-Imports stay inside the commands, so `loracast --help` stays instant. `python -m worker.cli worker serve ...` is
-the same command without the rest of the `loracast` CLI, whose other commands import torch: an edge device
-serving an exported model never loads it.
+Imports stay inside the commands, so `loracast --help` stays instant and `loracast worker serve` never loads torch:
+an edge device serving an exported model needs only ONNX Runtime. Bad options raise a UserError, which `loracast`
+prints as one line with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-
-def _fail(message: object) -> None:
-    print(f"loracast: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def _path(value: str | None) -> Path | None:
@@ -29,18 +23,14 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from loracast.grpc_common import ClientSecurity, ConfigError, ServerSecurity, read_token_file, wait_for_signal
-    from worker.model_cache import ModelError
     from worker.server import WorkerConfig, start
 
-    try:
-        tokens = set(args.token) | (read_token_file(Path(args.token_file)) if args.token_file else set())
-        coordinator_token = args.coordinator_token
-        if args.coordinator_token_file:
-            coordinator_token, *more = read_token_file(Path(args.coordinator_token_file))
-            if more:
-                raise ConfigError(f"{args.coordinator_token_file} holds {1 + len(more)} tokens: a client sends one")
-    except ConfigError as exc:
-        _fail(exc)
+    tokens = set(args.token) | (read_token_file(Path(args.token_file)) if args.token_file else set())
+    coordinator_token = args.coordinator_token
+    if args.coordinator_token_file:
+        coordinator_token, *more = read_token_file(Path(args.coordinator_token_file))
+        if more:
+            raise ConfigError(f"{args.coordinator_token_file} holds {1 + len(more)} tokens: a client sends one")
     security = ServerSecurity(
         tls_cert=_path(args.tls_cert),
         tls_key=_path(args.tls_key),
@@ -69,8 +59,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     try:
         running = start(config)
-    except (ConfigError, ModelError, OSError) as exc:
-        _fail(exc)
+    except OSError as exc:  # a file or directory the options name, unusable in a way no check foresaw
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise ConfigError(
+            f"{where}{exc.strerror or exc}: check --cache-dir, --model and $LORACAST_CACHE (the ONNX export's home)"
+        ) from exc
     wait_for_signal(running.server, running.health, running.ready_line())
     running.stop(0)  # the server has drained already: this releases the metrics port and the coordinator channel
 
@@ -79,25 +72,30 @@ def cmd_export(args: argparse.Namespace) -> None:
     from google.protobuf.message import DecodeError
 
     from loracast.adapter_wire import WireError
+    from loracast.errors import UserError
     from worker import model_cache
     from worker.adapter_store import read_installed
     from worker.onnx_session import OnnxDecoder
 
-    try:
-        model_dir = model_cache.check_exported(args.model) if args.model else model_cache.find(args.base)
-    except model_cache.ModelError as exc:
-        _fail(exc)
+    model_dir = model_cache.check_exported(args.model) if args.model else model_cache.find(args.base)
     if model_dir is None:
-        _fail(f"no exported model for base {args.base!r}: run `loracast worker serve --base {args.base}` once")
+        raise model_cache.ModelError(
+            f"no exported model for base {args.base!r}: run `loracast worker serve --base {args.base}` once"
+        )
     decoder = OnnxDecoder(model_dir / model_cache.MODEL_FILE)
     cache_dir = _cache_dir(args)
     try:
         resident = read_installed(cache_dir, args.adapter, decoder.fingerprint or "")
     except FileNotFoundError:
-        _fail(f"adapter {args.adapter} is not resident in {cache_dir}: fetch it first (Prefetch, or one Generate)")
+        raise UserError(
+            f"adapter {args.adapter} is not resident in {cache_dir}: fetch it first (Prefetch, or one Generate)"
+        ) from None
     except (WireError, DecodeError, OSError) as exc:
-        _fail(f"adapter {args.adapter[:80]} cannot be used: {exc}")
-    out = decoder.export_merged(resident.adapter, resident.spec, Path(args.out), adapter_id=args.adapter)
+        raise UserError(f"adapter {args.adapter[:80]} cannot be used: {exc}") from exc
+    try:
+        out = decoder.export_merged(resident.adapter, resident.spec, Path(args.out), adapter_id=args.adapter)
+    except OSError as exc:
+        raise UserError(f"cannot write --out {args.out}: {exc.strerror or exc}: give a writable file path") from exc
     print(f"wrote {out} (adapter {args.adapter[:12]}… merged into base {decoder.fingerprint[:12]}…)")
 
 
@@ -139,15 +137,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="the .onnx file to write")
     _model_options(e)
     e.set_defaults(func=cmd_export)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loracast", description="The LoraCast edge worker.")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
