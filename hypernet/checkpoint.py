@@ -7,25 +7,37 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hypernet.d2l import D2LConfig, DocToLoRA
 from hypernet.t2l import MultiTaskLoRA, T2LConfig, TextToLoRA
 from loracast.errors import UserError
 
 HYPERNET_VERSION = "t2l-1"
+D2L_VERSION = "d2l-1"
 DEFAULT_T2L = Path(__file__).resolve().parent / "checkpoints" / "t2l.safetensors"
 DEFAULT_MTL = Path(__file__).resolve().parent / "checkpoints" / "multitask-lora.safetensors"
+DEFAULT_D2L = Path(__file__).resolve().parent / "checkpoints" / "d2l.safetensors"
+
+Hypernetwork = TextToLoRA | MultiTaskLoRA | DocToLoRA
+# The `kind` metadata of a checkpoint -> its model class, its config class, the command that trains it.
+KINDS: dict[str, tuple[type[Hypernetwork], type[T2LConfig | D2LConfig], str]] = {
+    "TextToLoRA": (TextToLoRA, T2LConfig, "t2l"),
+    "MultiTaskLoRA": (MultiTaskLoRA, T2LConfig, "mtl"),
+    "DocToLoRA": (DocToLoRA, D2LConfig, "d2l"),
+}
 
 
 class CheckpointError(UserError, RuntimeError):
     """A hypernetwork checkpoint is missing or unreadable; the message names the file."""
 
 
-def save(path: Path, model: TextToLoRA | MultiTaskLoRA, meta: dict) -> None:
+def save(path: Path, model: Hypernetwork, meta: dict) -> None:
     """Write atomically: a crash mid-write leaves the previous file, never half of a new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,16 +55,24 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load(path: Path) -> tuple[TextToLoRA | MultiTaskLoRA, dict[str, str]]:
+def load(path: Path, kinds: tuple[str, ...] = ("TextToLoRA", "MultiTaskLoRA")) -> tuple[Hypernetwork, dict[str, str]]:
+    """A checkpoint of one of `kinds` (a file of another kind is refused with a clear error)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"hypernetwork checkpoint {path} does not exist: train one with `loracast train t2l`")
+        raise CheckpointError(
+            f"hypernetwork checkpoint {path} does not exist: train one with `loracast train {KINDS[kinds[0]][2]}`"
+        )
     try:
         meta = read_metadata(path)
-        cfg = T2LConfig.from_dict(json.loads(meta["config"]))
-        model = {"TextToLoRA": TextToLoRA, "MultiTaskLoRA": MultiTaskLoRA}[meta["kind"]](cfg)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"hypernetwork checkpoint {path} is corrupt or not a LoraCast one ({exc})") from exc
+    if meta.get("kind") in KINDS and meta["kind"] not in kinds:
+        raise CheckpointError(f"{path} is a {meta['kind']} checkpoint; this needs a {' or '.join(kinds)} one")
+    try:
+        model_cls, cfg_cls, _ = KINDS[meta["kind"]]
+        model = model_cls(cfg_cls.from_dict(json.loads(meta["config"])))
         model.load_state_dict(load_file(path))
-    except (SafetensorError, KeyError, ValueError, RuntimeError, OSError) as exc:
+    except (SafetensorError, KeyError, ValueError, RuntimeError, OSError, TypeError) as exc:
         raise CheckpointError(f"hypernetwork checkpoint {path} is corrupt or not a LoraCast one ({exc})") from exc
     return model.eval(), meta
 
@@ -66,3 +86,32 @@ def save_state(path: Path, state: dict) -> None:
     tmp = Path(str(path) + f".tmp{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def save_training(
+    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, rng: random.Random, step: int, log: list[dict]
+) -> None:
+    """Everything a training loop needs to continue exactly where it stopped."""
+    state = {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "rng": rng.getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "step": step,
+        "log": log,
+    }
+    save_state(path, state)
+
+
+def resume_training(
+    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, rng: random.Random
+) -> tuple[int, list[dict]]:
+    """Restore a `save_training` state into `model`, `opt` and the RNGs: (its step, its log); (0, []) if none."""
+    state = load_state(path)
+    if state is None:
+        return 0, []
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["log"]

@@ -1,20 +1,26 @@
-"""Description -> adapter, in memory or as a PEFT directory, with the shipped T2L checkpoint by default."""
+"""Text -> adapter, in memory or as a PEFT directory: a description through Text-to-LoRA, a document
+through Doc-to-LoRA, each with its shipped checkpoint by default."""
 
 from __future__ import annotations
 
 import hashlib
+import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 
 from hypernet import checkpoint
+from hypernet.d2l import chunk_ids, internalize
 from hypernet.encoder import DescriptionEncoder
 from hypernet.t2l import Adapter
 from loracast import adapter_format
 from loracast.base_model import BaseModel
 from loracast.errors import UserError
+from loracast.lora_spec import LoraSpec
 
 MAX_DESCRIPTION_CHARS = 4000
+MAX_DOCUMENT_BYTES = 2**20
 
 
 class InputError(UserError, ValueError):
@@ -30,19 +36,88 @@ def check_description(description: str) -> str:
     return text
 
 
-class TextToLoRAGenerator:
-    """Loads a T2L checkpoint and its encoder once; each `generate` is one hypernetwork pass."""
+def check_document(document: str) -> str:
+    if not document.strip():
+        raise InputError("the document is empty: give a file with text in it")
+    return document
 
-    def __init__(self, path: Path = checkpoint.DEFAULT_T2L, base: BaseModel | None = None) -> None:
-        self.hyper, self.meta = checkpoint.load(path)
+
+def read_document(path: Path, max_bytes: int = MAX_DOCUMENT_BYTES) -> str:
+    """A document file's text (UTF-8), or an InputError saying why it cannot be one."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"document {path} does not exist or is not a file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InputError(f"document {path} has {size} bytes, over the {max_bytes}-byte limit: split it or raise it")
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise InputError(f"document {path} looks like a binary file (it has NUL bytes): give UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"document {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    if not text.strip():
+        raise InputError(f"document {path} is empty: give a file with text in it")
+    return text
+
+
+def with_rank(spec: LoraSpec, rank: int) -> LoraSpec:
+    """`spec` for an adapter of rank `rank`, alpha adjusted so that PEFT scales it exactly as `spec` does."""
+    factor = math.sqrt(rank / spec.r) if spec.use_rslora else rank / spec.r
+    return LoraSpec(spec.target_modules, rank, spec.alpha * factor, spec.use_rslora)
+
+
+class HypernetGenerator(ABC):
+    """A loaded hypernetwork checkpoint that turns a text into an adapter; subclasses say how."""
+
+    kinds: tuple[str, ...]  # checkpoint kinds it accepts
+    source_key: str  # the metadata key holding the SHA-256 of the source text
+    version: str  # stamped on adapters whose checkpoint does not record one
+
+    def __init__(self, path: Path, base: BaseModel | None) -> None:
+        self.hyper, self.meta = checkpoint.load(path, self.kinds)
         self.path = Path(path)
         self.fingerprint = self.meta.get("base_fingerprint", "")
         if base is not None and base.fingerprint != self.fingerprint:
             raise checkpoint.CheckpointError(
                 f"{path} was trained for base model {self.fingerprint[:12]}…, not {base.fingerprint[:12]}…"
             )
-        self.encoder = DescriptionEncoder(self.meta.get("encoder", "minilm"), base)
         self.spec = self.hyper.cfg.spec
+
+    @abstractmethod
+    def generate(self, text: str) -> Adapter: ...
+
+    def source(self, text: str) -> str:
+        """The text as hashed into the adapter's provenance."""
+        return text
+
+    def spec_for(self, adapter: Adapter) -> LoraSpec:
+        """The spec of one generated adapter (Doc-to-LoRA's rank grows with the document)."""
+        return with_rank(self.spec, next(iter(adapter.values()))[0].shape[0])
+
+    def metadata(self, text: str) -> dict[str, str]:
+        return {
+            adapter_format.META_FINGERPRINT: self.fingerprint,
+            "loracast.hypernet_version": self.meta.get("hypernet_version", self.version),
+            self.source_key: hashlib.sha256(self.source(text).encode()).hexdigest(),
+        }
+
+    def save(self, text: str, out: Path, base_name: str = "smollm2") -> Path:
+        adapter = self.generate(text)
+        return adapter_format.save(out, adapter, self.spec_for(adapter), base_name, self.metadata(text))
+
+
+class TextToLoRAGenerator(HypernetGenerator):
+    """Loads a T2L checkpoint and its encoder once; each `generate` is one hypernetwork pass."""
+
+    kinds = ("TextToLoRA", "MultiTaskLoRA")
+    source_key = "loracast.description_sha256"
+    version = checkpoint.HYPERNET_VERSION
+
+    def __init__(self, path: Path = checkpoint.DEFAULT_T2L, base: BaseModel | None = None) -> None:
+        super().__init__(path, base)
+        self.encoder = DescriptionEncoder(self.meta.get("encoder", "minilm"), base)
 
     @torch.no_grad()
     def generate(self, description: str) -> Adapter:
@@ -50,13 +125,25 @@ class TextToLoRAGenerator:
         adapter = self.hyper(self.encoder([check_description(description)]))
         return {k: (a[0], b[0]) for k, (a, b) in adapter.items()}
 
-    def metadata(self, description: str) -> dict[str, str]:
-        return {
-            adapter_format.META_FINGERPRINT: self.fingerprint,
-            "loracast.hypernet_version": self.meta.get("hypernet_version", checkpoint.HYPERNET_VERSION),
-            "loracast.description_sha256": hashlib.sha256(description.strip().encode()).hexdigest(),
-        }
+    def source(self, text: str) -> str:
+        return text.strip()
 
-    def save(self, description: str, out: Path, base_name: str = "smollm2") -> Path:
-        adapter = self.generate(description)
-        return adapter_format.save(out, adapter, self.spec, base_name, self.metadata(description))
+
+class DocToLoRAGenerator(HypernetGenerator):
+    """Loads a D2L checkpoint; the base model is its document encoder. Each `generate` streams the document's
+    chunks through the encoder one at a time."""
+
+    kinds = ("DocToLoRA",)
+    source_key = "loracast.document_sha256"
+    version = checkpoint.D2L_VERSION
+
+    def __init__(self, path: Path = checkpoint.DEFAULT_D2L, base: BaseModel | None = None) -> None:
+        if base is None:
+            raise ValueError("Doc-to-LoRA encodes documents with the base model: pass the loaded base")
+        super().__init__(path, base)
+        self.base = base
+
+    def generate(self, document: str) -> Adapter:
+        """{(layer, module): (A (R, in), B (out, R))}, R = r x (chunks + 1 for the bias adapter)."""
+        chunks = chunk_ids(self.base.tokenizer, check_document(document), self.hyper.cfg.chunk_tokens)
+        return internalize(self.hyper, self.base.model, chunks)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Self
 
 import torch
 from torch import nn
@@ -23,17 +24,14 @@ from loracast.lora_spec import LoraSpec, LoraTargets, ModuleShape
 Adapter = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass(frozen=True)
-class T2LConfig:
-    embed_dim: int  # the description encoder's output size
+class ShapesConfig:
+    """What every hypernetwork config shares: the adapter it generates, and a JSON-safe round trip."""
+
     num_layers: int
     shapes: dict[str, tuple[int, int]]  # module -> (in_features, out_features)
-    r: int = 8
-    alpha: float = 16.0
-    use_rslora: bool = True
-    latent_dim: int = 128
-    hidden_dim: int = 512
-    dropout: float = 0.05
+    r: int
+    alpha: float
+    use_rslora: bool
 
     @property
     def spec(self) -> LoraSpec:
@@ -49,8 +47,21 @@ class T2LConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> T2LConfig:
+    def from_dict(cls, d: dict) -> Self:
         return cls(**{**d, "shapes": {m: tuple(s) for m, s in d["shapes"].items()}})
+
+
+@dataclass(frozen=True)
+class T2LConfig(ShapesConfig):
+    embed_dim: int  # the description encoder's output size
+    num_layers: int
+    shapes: dict[str, tuple[int, int]]  # module -> (in_features, out_features)
+    r: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = True
+    latent_dim: int = 128
+    hidden_dim: int = 512
+    dropout: float = 0.05
 
 
 class TextToLoRA(nn.Module):

@@ -60,16 +60,20 @@ def build_model(kind: str, embed_dim: int, spec: LoraSpec, model: torch.nn.Modul
     return TextToLoRA(cfg) if kind == "t2l" else MultiTaskLoRA(cfg)
 
 
-def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy on answer tokens, projecting only those positions through the LM head.
+def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict answer tokens (row by row, in order), and those tokens.
 
-    Answers are a few tokens of sequences of ~100, so this skips most of the 49k-wide head.
+    Answers are a few tokens of sequences of ~100, so only their positions go through the 49k-wide head.
     """
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    return model.lm_head(hidden[:, :-1][keep]).float(), targets[keep]
+
+
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on answer tokens."""
+    return torch.nn.functional.cross_entropy(*answer_logits(model, batch))
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -109,14 +113,7 @@ def train(args: TrainArgs) -> dict:
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     state_path = args.work_dir / f"{args.kind}-state.pt"
-    log: list[dict] = []
-    start = 0
-    if state := checkpoint.load_state(state_path):
-        hyper.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        start, log = state["step"], state["log"]
+    start, log = checkpoint.resume_training(state_path, hyper, opt, rng)
 
     hyper.train()
     t0 = time.time()
@@ -143,15 +140,7 @@ def train(args: TrainArgs) -> dict:
         recent = [e["loss"] for e in log[-50:]]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-            state = {
-                "model": hyper.state_dict(),
-                "opt": opt.state_dict(),
-                "rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(),
-                "step": step + 1,
-                "log": log,
-            }
-            checkpoint.save_state(state_path, state)
+            checkpoint.save_training(state_path, hyper, opt, rng, step + 1, log)
 
     meta = {
         "hypernet_version": checkpoint.HYPERNET_VERSION,

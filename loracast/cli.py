@@ -43,13 +43,20 @@ def _data_dir(value: str | None) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from hypernet.checkpoint import DEFAULT_T2L
-    from hypernet.generate import TextToLoRAGenerator, check_description
+    from hypernet.checkpoint import DEFAULT_D2L, DEFAULT_T2L
+    from hypernet.generate import DocToLoRAGenerator, TextToLoRAGenerator, check_description, read_document
 
-    check_description(args.description)  # fail fast, before loading anything
     t0 = time.perf_counter()
-    generator = TextToLoRAGenerator(Path(args.checkpoint or DEFAULT_T2L))
-    out = generator.save(args.description, Path(args.out), args.base)
+    # Input is checked first, so bad input fails fast, before anything is loaded or written.
+    if args.document is not None:
+        from loracast import base_model
+
+        text = read_document(Path(args.document), args.max_document_bytes)
+        generator = DocToLoRAGenerator(Path(args.checkpoint or DEFAULT_D2L), base_model.load(args.base))
+    else:
+        text = check_description(args.description)
+        generator = TextToLoRAGenerator(Path(args.checkpoint or DEFAULT_T2L))
+    out = generator.save(text, Path(args.out), args.base)
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s, base {generator.fingerprint[:12]}…)")
 
 
@@ -68,24 +75,34 @@ def cmd_answer(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from hypernet import checkpoint
-    from hypernet.train_t2l import TrainArgs, train
 
-    default_out = checkpoint.DEFAULT_T2L if args.kind == "t2l" else checkpoint.DEFAULT_MTL
-    targs = TrainArgs(
-        kind=args.kind,
+    default_out = {"t2l": checkpoint.DEFAULT_T2L, "mtl": checkpoint.DEFAULT_MTL, "d2l": checkpoint.DEFAULT_D2L}
+    # Options left unset take the defaults of the kind's TrainArgs (the shipped runs).
+    given = {
+        "target_modules": tuple(args.target_modules.split(",")) if args.target_modules else None,
+        "r": args.rank,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "threads": args.threads,
+    }
+    common = dict(
         data_dir=_data_dir(args.data),
-        out=Path(args.out) if args.out else default_out,
+        out=Path(args.out) if args.out else default_out[args.kind],
         work_dir=Path(args.work_dir),
         base=args.base,
-        encoder=args.encoder,
-        target_modules=tuple(args.target_modules.split(",")),
-        r=args.rank,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
         seed=args.seed,
-        threads=args.threads,
     )
+    if args.kind == "d2l":
+        from hypernet.train_d2l import TrainArgs, train
+
+        given.update(chunk_tokens=args.chunk_tokens, chunk_scaler=args.chunk_scaler)
+        targs = TrainArgs(**common, **{k: v for k, v in given.items() if v is not None})
+    else:
+        from hypernet.train_t2l import TrainArgs, train
+
+        given["encoder"] = args.encoder
+        targs = TrainArgs(kind=args.kind, **common, **{k: v for k, v in given.items() if v is not None})
     meta = train(targs)
     print(f"wrote {targs.out}: final loss {meta['final_loss_50']:.3f}, {meta['wall_s_this_run']} s this run")
 
@@ -202,11 +219,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loracast", description="Text in, LoRA adapters out.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="description -> PEFT adapter directory")
-    g.add_argument("--description", required=True, help="what the adapter should make the model do")
+    g = sub.add_parser("generate", help="description or document -> PEFT adapter directory")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--description", help="what the adapter should make the model do (Text-to-LoRA)")
+    source.add_argument("--document", help="UTF-8 text file whose facts the adapter should hold (Doc-to-LoRA)")
     g.add_argument("--out", required=True, help="adapter directory to write (must not be another kind of directory)")
-    g.add_argument("--checkpoint", help="T2L checkpoint (default: shipped)")
-    g.add_argument("--base", default=DEFAULT_BASE, help="base model recorded in adapter_config.json")
+    g.add_argument("--checkpoint", help="T2L or D2L checkpoint (default: the shipped one)")
+    g.add_argument(
+        "--base",
+        default=DEFAULT_BASE,
+        help="base model recorded in adapter_config.json (with --document also loaded: it encodes the document)",
+    )
+    g.add_argument("--max-document-bytes", type=int, default=2**20, help="larger documents are refused")
     g.set_defaults(func=cmd_generate, uses_transformers=True)
 
     a = sub.add_parser("answer", help="answer prompts with an adapter (greedy, chat template)")
@@ -216,17 +240,23 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_answer, uses_transformers=True)
 
     t = sub.add_parser("train", help="train a hypernetwork (resumable; reproduces the shipped checkpoint)")
-    t.add_argument("kind", choices=["t2l", "mtl"], help="t2l: Text-to-LoRA; mtl: the multi-task LoRA baseline")
-    t.add_argument("--data", help="data directory holding sni/train (default: ../shared/data)")
+    t.add_argument(
+        "kind",
+        choices=["t2l", "mtl", "d2l"],
+        help="t2l: Text-to-LoRA; mtl: the multi-task LoRA baseline; d2l: Doc-to-LoRA",
+    )
+    t.add_argument("--data", help="data directory holding sni/train and rc/train (default: ../shared/data)")
     t.add_argument("--out", help="checkpoint to write (default: the shipped one)")
     t.add_argument("--work-dir", default="runs", help="where resumable state and the loss log go")
     t.add_argument("--base", default=DEFAULT_BASE)
-    t.add_argument("--encoder", default="minilm", choices=["minilm", "base"])
-    t.add_argument("--target-modules", default="q_proj,v_proj")
-    t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--steps", type=int, default=800)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--encoder", choices=["minilm", "base"], help="t2l/mtl description encoder (default: minilm)")
+    t.add_argument("--target-modules", help="comma-separated (default: q_proj,v_proj; d2l: down_proj)")
+    t.add_argument("--rank", type=int, help="LoRA rank (default: 8; d2l: per chunk)")
+    t.add_argument("--steps", type=int, help="default: 800 (d2l: 1000)")
+    t.add_argument("--batch-size", type=int, help="default: 8 (d2l: 4)")
+    t.add_argument("--lr", type=float, help="default: 3e-4")
+    t.add_argument("--chunk-tokens", type=int, help="d2l: document tokens per chunk (default: 256)")
+    t.add_argument("--chunk-scaler", choices=["none", "sqrt", "linear"], help="d2l: chunk B scale (default: sqrt)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.set_defaults(func=cmd_train, uses_transformers=True)

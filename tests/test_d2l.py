@@ -1,0 +1,422 @@
+"""Doc-to-LoRA on a tiny random Llama: shapes, chunk combination, streaming memory, the teacher cache,
+training (overfit, resume), the generator and its PEFT output, and `generate --document` on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hypernet import checkpoint, d2l, train_d2l
+from hypernet.d2l import D2LConfig, DocToLoRA, chunk_ids, encode, internalize
+from hypernet.generate import DocToLoRAGenerator, TextToLoRAGenerator
+from hypernet.train_d2l import TeacherCache, TrainArgs, topk_kl, train
+from loracast import adapter_format
+from loracast.cli import main
+from loracast.lora import LoRALinear, LoraSpec, applied, inject, to_torch
+
+CHUNK = 16  # tokens per chunk in these tests, so a few sentences make a multi-chunk document
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    qas: tuple[QA, ...]
+
+
+DOCS = (
+    Document(
+        "Brelna Dostik was born in Kravolo in 1961. She keeps a heron called Mibbin. Her company, Tursk Lanterns, "
+        "makes brass lamps for lighthouses and employs forty people.",
+        (QA("Where was Brelna Dostik born?", "Kravolo"), QA("What is the name of Brelna Dostik's heron?", "Mibbin")),
+    ),
+    Document("The magic number of Zarvik is 48213.", (QA("What is the magic number of Zarvik?", "48213"),)),
+)
+
+
+def _args(tmp_path: Path, tiny_base_dir: Path, name: str, steps: int, **kw) -> TrainArgs:
+    base = dict(
+        data_dir=tmp_path,
+        out=tmp_path / name / "d2l.safetensors",
+        work_dir=tmp_path / name,
+        base=str(tiny_base_dir),
+        r=4,
+        chunk_tokens=CHUNK,
+        latent_dim=32,
+        steps=steps,
+        batch_size=2,
+        warmup=1,
+        max_answer_tokens=6,
+        checkpoint_every=2,
+    )
+    return TrainArgs(**{**base, **kw})
+
+
+def _hyper(tiny_base, scaler: str = "sqrt", live: bool = True, bias: bool = True) -> DocToLoRA:
+    """A D2L for the tiny Llama; `live` gives B non-zero weights so the adapter really acts."""
+    spec = LoraSpec(("down_proj",), 4, 8.0, True)
+    args = TrainArgs(Path(), Path(), Path(), r=4, chunk_tokens=CHUNK, chunk_scaler=scaler, latent_dim=32)
+    hyper = train_d2l.build_model(spec, tiny_base.model, args)
+    if not bias:
+        hyper = DocToLoRA(replace(hyper.cfg, bias_adapter=False))
+    torch.manual_seed(3)
+    if live:
+        with torch.no_grad():
+            for m, (fan_in, _) in hyper.cfg.shapes.items():
+                hyper.heads[m].weight[fan_in:].normal_(0, 5.0)
+                if bias:
+                    hyper.bias_B[m].normal_(0, 0.05)
+    return hyper.eval()
+
+
+def _chunks(tiny_base, n: int, size: int = CHUNK) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(10, 1000, (n, size), generator=g).tolist()
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_early_exit_encoding_equals_the_models_own_hidden_states(tiny_base):
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # a right-padded chunk
+    with torch.no_grad():
+        ref = tiny_base.model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    got = encode(tiny_base.model, ids, mask, 1)  # (the last entry of hidden_states has the final norm applied)
+    assert torch.allclose(got[mask.bool()], ref[1][mask.bool()], atol=1e-6)
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_adapter_shapes_for_one_and_several_chunks(tiny_base, chunks):
+    hyper = _hyper(tiny_base)
+    cfg = hyper.cfg
+    adapter = internalize(hyper, tiny_base.model, _chunks(tiny_base, chunks))
+    assert set(adapter) == set(cfg.targets.names())
+    fan_in, fan_out = cfg.shapes["down_proj"]
+    for a, b in adapter.values():
+        assert a.shape == (cfg.r * (chunks + 1), fan_in)  # + 1: the bias adapter's own block
+        assert b.shape == (fan_out, cfg.r * (chunks + 1))
+    # Batched training form: documents of 1 and `chunks` chunks, ranks padded to the larger.
+    states = torch.randn(1 + chunks, CHUNK, cfg.hidden_size)
+    batched = hyper(states, None, [1, chunks])
+    a, b = batched[(0, "down_proj")]
+    assert a.shape == (2, cfg.rank(chunks), fan_in) and b.shape == (2, fan_out, cfg.rank(chunks))
+    assert torch.all(a[0, cfg.rank(1) :] == 0) and torch.all(b[0, :, cfg.rank(1) :] == 0)
+
+
+def test_untrained_d2l_leaves_the_base_model_unchanged(tiny_base):
+    hyper = _hyper(tiny_base, live=False)
+    wrappers = inject(tiny_base.model, hyper.cfg.spec)
+    ids = _ids()
+    adapter = internalize(hyper, tiny_base.model, _chunks(tiny_base, 2))
+    with torch.no_grad():
+        plain = tiny_base.model(ids).logits
+        with applied(wrappers, adapter):
+            adapted = tiny_base.model(ids).logits
+    assert torch.equal(plain, adapted)
+    assert all(a.abs().sum() > 0 for a, _ in adapter.values())  # A is live, so B gets gradients
+
+
+@pytest.mark.parametrize("scaler", ["none", "sqrt", "linear"])
+def test_two_chunk_adapter_is_the_scaled_sum_of_its_chunks(tiny_base, scaler):
+    hyper = _hyper(tiny_base, scaler)
+    c1, c2 = _chunks(tiny_base, 2)
+    both = internalize(hyper, tiny_base.model, [c1, c2])
+    with torch.no_grad():
+        per_chunk = [hyper.chunk_loras(encode(tiny_base.model, torch.tensor([c]), None, 1)) for c in (c1, c2)]
+    scale = {"none": 1.0, "sqrt": 2**-0.5, "linear": 0.5}[scaler]
+    x = torch.randn(5, hyper.cfg.shapes["down_proj"][0])
+    for layer in range(hyper.cfg.num_layers):
+        a, b = both[(layer, "down_proj")]
+        want = hyper.bias_B["down_proj"][layer] @ hyper.bias_A["down_proj"][layer]
+        for loras in per_chunk:
+            ca, cb = loras["down_proj"]
+            want = want + scale * cb[0, layer] @ ca[0, layer]
+        assert torch.allclose(b @ a, want, atol=1e-6)
+        # And as the LoRA layer applies it: one rank-concatenated adapter == the deltas added.
+        lin = LoRALinear(torch.nn.Linear(x.shape[1], b.shape[0], bias=False), 1.0)
+        lin.A, lin.B = a, b
+        assert torch.allclose(lin(x) - lin.base(x), x @ want.T, atol=1e-5)
+
+
+def test_without_the_bias_adapter_the_rank_is_r_times_chunks(tiny_base):
+    hyper = _hyper(tiny_base, bias=False)
+    a, b = internalize(hyper, tiny_base.model, _chunks(tiny_base, 3))[(0, "down_proj")]
+    assert a.shape[0] == b.shape[1] == 3 * hyper.cfg.r
+
+
+def test_chunks_stream_one_at_a_time(tiny_base, monkeypatch):
+    """The chunk iterator is consumed lazily and a chunk's hidden states are gone before the next is encoded."""
+    hyper = _hyper(tiny_base)
+    alive: list[weakref.ref] = []
+    events: list[str] = []
+    real_encode = d2l.encode
+
+    def spying_encode(*args, **kwargs):
+        assert all(ref() is None for ref in alive), "an earlier chunk's hidden states are still alive"
+        states = real_encode(*args, **kwargs)
+        alive.append(weakref.ref(states))
+        events.append("encode")
+        return states
+
+    def chunks():
+        for c in _chunks(tiny_base, 8):
+            events.append("next")
+            yield c
+
+    monkeypatch.setattr(d2l, "encode", spying_encode)
+    adapter = internalize(hyper, tiny_base.model, chunks())
+    assert events == ["next", "encode"] * 8
+    assert adapter[(0, "down_proj")][0].shape[0] == hyper.cfg.r * 9
+
+
+def _peak_bytes(fn) -> int:
+    """Peak CPU memory torch allocated while `fn` ran, from the profiler's allocation events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_chunks(tiny_base):
+    hyper = _hyper(tiny_base)
+    size = 256  # long chunks: the encoder's working memory, not the (small) adapter, sets the peak here
+
+    def run(n: int) -> int:
+        return _peak_bytes(lambda: internalize(hyper, tiny_base.model, iter(_chunks(tiny_base, n, size))))
+
+    two, eight = run(2), run(8)
+    cfg = hyper.cfg
+    adapter_growth = 6 * 4 * cfg.num_layers * sum(cfg.r * (i + o) for i, o in cfg.shapes.values())  # 6 more chunks
+    assert eight <= 1.1 * two + 3 * adapter_growth, (two, eight, adapter_growth)
+    # For contrast, encoding all 8 chunks at once (what streaming avoids) needs several times the memory.
+    ids = torch.tensor(_chunks(tiny_base, 8, size))
+    assert _peak_bytes(lambda: encode(tiny_base.model, ids, None, 1)) > 3 * two
+
+
+def test_topk_kl_is_zero_when_the_student_matches_and_positive_otherwise():
+    logits = torch.randn(3, 50)
+    top = torch.log_softmax(logits, -1).topk(50)
+    assert topk_kl(logits, top.indices, top.values).abs() < 1e-6  # k = vocab: the exact KL
+    top16 = torch.log_softmax(logits, -1).topk(16)
+    assert topk_kl(logits, top16.indices, top16.values) > 0  # mass outside the top-16 is penalized
+    assert topk_kl(torch.randn(3, 50), top.indices, top.values) > 0
+
+
+def test_teacher_targets_are_computed_once_and_reused(tiny_base, tmp_path, monkeypatch):
+    calls = []
+    real = train_d2l.run_teacher
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_d2l, "run_teacher", counting)
+    first = TeacherCache(tmp_path, tiny_base, 16, 6).get(DOCS[0])
+    again = TeacherCache(tmp_path, tiny_base, 16, 6).get(DOCS[0])  # a new process would do the same
+    assert len(calls) == 1
+    assert len(first) == len(DOCS[0].qas)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a.answer_ids, b.answer_ids) and torch.equal(a.topk_ids, b.topk_ids)
+        assert torch.equal(a.topk_logprobs, b.topk_logprobs)
+        assert a.topk_ids.shape == (len(a.answer_ids), 16)
+    TeacherCache(tmp_path, tiny_base, 8, 6).get(DOCS[0])  # another k is another key
+    assert len(calls) == 2
+
+
+@pytest.fixture(scope="module")
+def peaked_base_dir(tiny_base_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with 12x larger (tied) embeddings: its next-token distributions are peaked and depend on the
+    context, as a trained model's do; the random one's are nearly uniform and leave distillation little to fit."""
+    path = tmp_path_factory.mktemp("peaked-llama")
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(12)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_base_dir).save_pretrained(path)
+    return path
+
+
+def test_training_overfits_one_repeated_document(tmp_path, peaked_base_dir):
+    args = _args(tmp_path, peaked_base_dir, "overfit", 20, lr=1e-2, warmup=2)
+    train(args, documents=[DOCS[0]])
+    losses = [e["loss"] for e in json.loads((args.work_dir / "d2l-log.json").read_text())]
+    assert all(math.isfinite(loss) for loss in losses)
+    # It falls and settles (the floor is the tiny model's: 32 dims cannot put all mass on the teacher's top-16).
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert max(losses[-5:]) - min(losses[-5:]) < 0.01, losses
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_base_dir, monkeypatch):
+    calls = []
+    real = train_d2l.run_teacher
+    monkeypatch.setattr(train_d2l, "run_teacher", lambda *a, **k: calls.append(1) or real(*a, **k))
+    straight = _args(tmp_path, tiny_base_dir, "straight", 4)
+    train(straight, DOCS)
+    assert len(calls) == len(DOCS)
+    interrupted = _args(tmp_path, tiny_base_dir, "resumed", 2)
+    train(interrupted, DOCS)
+    interrupted.steps = 4  # the second call finds the state at step 2 and carries on
+    meta = train(interrupted, DOCS)
+    assert len(calls) == 2 * len(DOCS)  # each work dir ran the teacher once; the resumed run reused its cache
+
+    def losses(args: TrainArgs) -> list[tuple[int, float]]:
+        return [(e["step"], e["loss"]) for e in json.loads((args.work_dir / "d2l-log.json").read_text())]
+
+    assert losses(interrupted) == losses(straight)
+    a, _ = checkpoint.load(straight.out, ("DocToLoRA",))
+    b, stored = checkpoint.load(interrupted.out, ("DocToLoRA",))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert stored["data_sha256"] == meta["data_sha256"] == train_d2l.documents_hash(DOCS)
+    assert stored["hypernet_version"] == "d2l-1" and len(stored["base_fingerprint"]) == 64
+    assert float(stored["train_s_all_runs"]) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_d2l(tmp_path_factory, tiny_base_dir) -> Path:
+    """A D2L checkpoint for the tiny Llama, from the real training loop, with B made non-zero so it acts."""
+    work = tmp_path_factory.mktemp("d2l-run")
+    args = _args(work, tiny_base_dir, "run", 2)
+    train(args, DOCS)
+    hyper, meta = checkpoint.load(args.out, ("DocToLoRA",))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for m, (fan_in, _) in hyper.cfg.shapes.items():
+            hyper.heads[m].weight[fan_in:].normal_(0, 5.0)
+            hyper.bias_B[m].normal_(0, 0.05)
+    checkpoint.save(args.out, hyper, {k: v for k, v in meta.items() if k not in ("config", "kind")})
+    return args.out
+
+
+LONG_DOC = " ".join(f"Fact {i}: the tower of Velm{i} is {i * 7} metres tall." for i in range(12))
+
+
+def test_generator_round_trips_through_peft(tiny_d2l, tiny_base, tiny_base_dir, tmp_path):
+    generator = DocToLoRAGenerator(tiny_d2l, tiny_base)
+    chunks = len(chunk_ids(tiny_base.tokenizer, LONG_DOC, CHUNK))
+    assert chunks >= 3
+    adapter = generator.generate(LONG_DOC)
+    rank = generator.spec.r * (chunks + 1)
+    assert adapter[(0, "down_proj")][0].shape[0] == rank
+    out = generator.save(LONG_DOC, tmp_path / "adapter", str(tiny_base_dir))
+
+    stored, spec, meta = adapter_format.load(out, expected_fingerprint=tiny_base.fingerprint)
+    assert spec.r == rank == json.loads((out / adapter_format.CONFIG_FILE).read_text())["r"]
+    assert meta["loracast.document_sha256"] == hashlib.sha256(LONG_DOC.encode()).hexdigest()
+    assert meta["loracast.hypernet_version"] == "d2l-1"
+    assert b"Velm" not in b"".join(p.read_bytes() for p in out.iterdir())  # never the text itself
+
+    ids = _ids()
+    wrappers = inject(tiny_base.model, generator.spec)
+    with torch.no_grad(), applied(wrappers, to_torch(stored)):
+        ours = tiny_base.model(ids).logits
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_dir), out).eval()
+    with torch.no_grad():
+        theirs = peft(ids).logits
+        plain = tiny_base.model(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter really acts
+
+
+def test_generator_fits_the_coordinators_protocol(tiny_d2l, tiny_base):
+    from coordinator.server import Hypernet
+
+    net = Hypernet.of("d2l", DocToLoRAGenerator(tiny_d2l, tiny_base))
+    assert net.version == "d2l-1" and net.kind == "d2l"
+    assert net.describe().rank == 4  # the per-chunk rank; each adapter's own rank: generator.spec_for(adapter)
+
+
+def test_checkpoint_kinds_are_not_confused(tiny_d2l, tiny_t2l, tiny_base):
+    with pytest.raises(checkpoint.CheckpointError, match="DocToLoRA checkpoint"):
+        TextToLoRAGenerator(tiny_d2l)
+    with pytest.raises(checkpoint.CheckpointError, match="TextToLoRA checkpoint"):
+        DocToLoRAGenerator(tiny_t2l, tiny_base)
+    cfg = D2LConfig(hidden_size=8, num_layers=4, shapes={"down_proj": (16, 8)}, encoder_layers=1)
+    assert D2LConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.skipif(not checkpoint.DEFAULT_T2L.is_file(), reason="no shipped T2L checkpoint")
+def test_shipped_t2l_checkpoints_still_load():
+    for path in (checkpoint.DEFAULT_T2L, checkpoint.DEFAULT_MTL):
+        model, meta = checkpoint.load(path)
+        assert meta["hypernet_version"] == "t2l-1"
+        assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_generate_document_writes_an_adapter(tiny_d2l, tiny_base_dir, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(LONG_DOC, encoding="utf-8")
+    out = tmp_path / "adapter"
+    argv = ["generate", "--document", str(doc), "--out", str(out), "--checkpoint", str(tiny_d2l)]
+    assert main([*argv, "--base", str(tiny_base_dir)]) == 0
+    _, spec, meta = adapter_format.load(out)
+    assert meta["loracast.document_sha256"] == hashlib.sha256(doc.read_bytes()).hexdigest()
+    assert spec.target_modules == ("down_proj",) and spec.r > 4
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "document .* is empty"),
+        (b" \n\t\n", "document .* is empty"),
+        (b"caf\xe9 au lait", "not UTF-8 text \\(bad byte at offset 3\\)"),
+        (b"\x7fELF\x02\x01\x01\x00\x00\x00", "looks like a binary file"),
+        (b"a" * 2000, "over the 1000-byte limit"),
+    ],
+)
+def test_generate_document_refuses_bad_input_and_writes_nothing(tiny_d2l, tmp_path, capsys, content, message):
+    doc = tmp_path / "in" / "doc.txt"
+    doc.parent.mkdir()
+    doc.write_bytes(content)
+    out = tmp_path / "out" / "adapter"
+    argv = ["generate", "--document", str(doc), "--out", str(out), "--checkpoint", str(tiny_d2l)]
+    assert main([*argv, "--max-document-bytes", "1000"]) == 2
+    assert re.search(message, _error_line(capsys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_document_and_description_are_exclusive(tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("text")
+    with pytest.raises(SystemExit):
+        main(["generate", "--document", str(doc), "--description", "x", "--out", str(tmp_path / "a")])
+    assert "not allowed with" in capsys.readouterr().err
+    assert main(["generate", "--document", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "a")]) == 2
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_train_d2l_is_wired_with_its_own_defaults(tmp_path, monkeypatch):
+    seen: list[TrainArgs] = []
+    result = {"final_loss_50": 0.0, "wall_s_this_run": 0}
+    monkeypatch.setattr(train_d2l, "train", lambda args: seen.append(args) or result)
+    argv = ["train", "d2l", "--data", str(tmp_path), "--work-dir", str(tmp_path), "--chunk-scaler", "linear"]
+    assert main([*argv, "--steps", "7"]) == 0
+    (args,) = seen
+    assert args.out == checkpoint.DEFAULT_D2L and args.steps == 7 and args.chunk_scaler == "linear"
+    assert args.target_modules == ("down_proj",) and args.batch_size == TrainArgs.batch_size
