@@ -164,6 +164,7 @@ def main() -> None:
         run(prompts[0], 4)
 
     names = list(modes)
+    load_start = os.getloadavg()[0]
     ttft: dict[str, list[float]] = {name: [] for name in names}
     rate: dict[str, list[float]] = {name: [] for name in names}
     outputs: dict[str, list[list[int]]] = {name: [] for name in names}
@@ -203,19 +204,23 @@ def main() -> None:
 
     tokens_per_s = {name: round(statistics.median(rate[name]), 1) for name in names}
     torch_rate = tokens_per_s["torch_eager"]
+    onnx_vs_torch = round(tokens_per_s["onnx"] / torch_rate, 2)
     result = {
+        # The headline: the worker's default decoder vs PyTorch eager, decode tokens/s, medians of interleaved runs.
+        "onnx_vs_torch_decode": onnx_vs_torch,
         "base": args.base,
         "new_tokens": args.new_tokens,
         "prompt_tokens": [len(p) for p in prompts],
         "rounds": args.rounds,
         "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": args.threads},
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        # 1-minute load average at the start and the end of the timed runs: other processes share the machine.
+        "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
         "decode_tokens_per_s": tokens_per_s,
         "decode_tokens_per_s_runs": {name: [round(x, 1) for x in rate[name]] for name in names},
         "time_to_first_token_ms": {name: _median_ms(ttft[name]) for name in names},
         "ratio_vs_torch_decode": {name: round(tokens_per_s[name] / torch_rate, 2) for name in names},
-        "onnx_vs_torch_decode": round(tokens_per_s["onnx"] / torch_rate, 2),
         "adapter_switch_ms": {"median": _median_ms(switch), "max": round(1000 * max(switch), 2)},
         "merged_session_build_s": round(statistics.median(merge_s), 2),
         "decoder_load_s": round(load_s, 2),
@@ -229,6 +234,11 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "worker_decode.json").write_text(json.dumps(result, indent=2))
 
+    headline = (
+        f"onnx_vs_torch_decode = {onnx_vs_torch}x  (onnx {tokens_per_s['onnx']} vs torch eager {torch_rate} "
+        f"decode tokens/s; load average {result['load_average'][0]} -> {result['load_average'][1]})"
+    )
+    print(f"\n{headline}")
     print(
         f"\n{args.new_tokens} new tokens, greedy, {args.threads} threads for torch and ONNX Runtime "
         f"({os.cpu_count()} CPUs), medians of {args.rounds * len(prompts)} runs per mode\n"
@@ -247,6 +257,7 @@ def main() -> None:
         f"{len(decoder.packed)} linears run as exact 4-bit"
     )
     print(f"same greedy tokens as torch: {result['same_tokens_as_torch']}")
+    print(f"\n{headline}")
 
 
 if __name__ == "__main__":

@@ -54,14 +54,16 @@ def _random_adapter(model: torch.nn.Module, rank: int) -> Adapter:
 
 
 def _lora_feed(session: ort.InferenceSession, adapter: Adapter | None, scale: float) -> dict[str, np.ndarray]:
-    """A/B inputs for every (layer, module); rank 0 (empty A and B) when there is no adapter."""
-    feed = {onnx_io.LORA_SCALE: np.array([scale], dtype=np.float32)}
+    """A/B inputs for every (layer, module), B with the scale folded in; rank 0 (empty A and B) when there is no
+    adapter."""
+    feed = {}
     for inp in session.get_inputs():
         if not inp.name.startswith("lora."):
             continue
         _, layer, module, which = inp.name.split(".")
         if adapter is not None:
-            feed[inp.name] = adapter[(int(layer), module)][0 if which == "A" else 1]
+            a, b = adapter[(int(layer), module)]
+            feed[inp.name] = a if which == "A" else np.float32(scale) * b
         else:  # A is (rank, in), B is (out, rank); the fixed dimension is the other one
             shape = (0, inp.shape[1]) if which == "A" else (inp.shape[0], 0)
             feed[inp.name] = np.zeros(shape, dtype=np.float32)
@@ -127,7 +129,8 @@ def test_graph_has_the_contracted_inputs_outputs_and_metadata(exported, session,
     assert [o.name for o in session.get_outputs()] == outputs
     shapes = {i.name: i.shape for i in session.get_inputs()}
     assert isinstance(shapes["lora.0.q_proj.A"][0], str) and isinstance(shapes["lora.1.down_proj.B"][1], str)
-    assert shapes[onnx_io.LORA_SCALE] == [1]
+    assert onnx_io.LORA_SCALE not in shapes  # IO version 2: the scale is folded into B
+    assert meta_version(session) == onnx_io.IO_VERSION == "2"
     meta = session.get_modelmeta().custom_metadata_map
     assert meta[onnx_io.META_FINGERPRINT] == base_model.load(str(tiny_base_dir)).fingerprint
     assert meta[onnx_io.META_TARGET_MODULES] == ",".join(ALL_MODULES)
@@ -136,6 +139,21 @@ def test_graph_has_the_contracted_inputs_outputs_and_metadata(exported, session,
     weights = {t.name: tuple(t.dims) for t in onnx.load(str(exported)).graph.initializer}
     assert weights[onnx_io.weight_name(1, "k_proj")] == (16, 32)
     assert weights[onnx_io.weight_name(0, "down_proj")] == (32, 64)
+
+
+def meta_version(session: ort.InferenceSession) -> str:
+    return session.get_modelmeta().custom_metadata_map[onnx_io.META_VERSION]
+
+
+def test_attention_norms_and_lora_run_as_few_fused_ops(exported):
+    """A decoding step is bound by per-op overhead: the attention is ONNX Runtime's fused ops, each residual add
+    is fused into the next RMSNorm, and a LoRA term is two Gemms."""
+    ops = [node.op_type for node in onnx.load(str(exported)).graph.node]
+    layers, targets = 2, len(ALL_MODULES)
+    assert ops.count("GroupQueryAttention") == layers and ops.count("RotaryEmbedding") == 2 * layers
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert ops.count("Gemm") == layers * 3 * targets + 1  # W, A and B of every linear; the lm_head
+    assert "Softmax" not in ops and "Transpose" not in ops
 
 
 def test_prefill_and_cached_decode_match_the_hf_model(session, tiny_base_dir):

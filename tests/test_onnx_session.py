@@ -141,7 +141,7 @@ def test_standalone_merged_model_runs_in_a_plain_session(exported, decoder, adap
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    assert names == onnx_io.io_names(decoder.num_layers, ())[0][:-1]  # no LoRA inputs, no lora_scale
+    assert names == onnx_io.io_names(decoder.num_layers, ())[0]  # no LoRA inputs
     meta = session.get_modelmeta().custom_metadata_map
     assert meta[onnx_io.META_FINGERPRINT] == decoder.fingerprint
     assert meta[onnx_session.META_MERGED_ADAPTER] == "abc123"
@@ -162,9 +162,9 @@ def test_standalone_merged_model_runs_in_a_plain_session(exported, decoder, adap
     assert standalone.target_modules == ()
     want = decoder.merged(adapter, spec).logits(prompt + EXTRA)
     assert _max_diff(standalone.logits(prompt + EXTRA, prefill=len(prompt)), want) < TOL
-    # The LoRA branch is gone, not just fed empty: 4 nodes (Gemm A, Gemm B, Mul, Add) per target linear.
+    # The LoRA branch is gone, not just fed empty: 2 Gemms (A, then B adding to W x) per target linear.
     removed = len(onnx.load(str(exported)).graph.node) - len(onnx.load(str(out)).graph.node)
-    assert removed >= 4 * decoder.num_layers * len(decoder.target_modules)
+    assert removed >= 2 * decoder.num_layers * len(decoder.target_modules)
 
 
 def test_greedy_generate_matches_hf_generate(decoder, adapters, prompt, tokenizer, tiny_base_dir):
@@ -205,6 +205,23 @@ def test_adapters_switch_without_a_new_session(decoder, adapters, prompt, tiny_b
         assert decoder.session is session
         assert decoder.adapter_spec == spec
     decoder.clear_adapter()
+
+
+def test_in_place_kv_cache_grows_and_matches_the_plain_cache(decoder, adapters, prompt, monkeypatch):
+    """IO version 2 on the CPU: GroupQueryAttention appends to preallocated K/V buffers in place; a generation
+    longer than the buffers grows them. Same tokens and logits as feeding past/present arrays (version 1's way)."""
+    assert decoder._in_place_cache
+    monkeypatch.setattr(onnx_session, "_CACHE_STEP", 2)  # room for 2 new tokens: it grows several times
+    adapter, spec, _ = adapters["A"]
+    decoder.set_adapter(adapter, spec)
+    try:
+        ids = prompt + EXTRA * 3
+        tokens, logits = list(decoder.generate(prompt, 9)), decoder.logits(ids, prefill=len(prompt))
+        monkeypatch.setattr(decoder, "_in_place_cache", False)
+        assert list(decoder.generate(prompt, 9)) == tokens
+        assert _max_diff(decoder.logits(ids, prefill=len(prompt)), logits) < 1e-5
+    finally:
+        decoder.clear_adapter()
 
 
 def test_generation_keeps_the_adapter_it_started_with(decoder, adapters, prompt):
@@ -341,6 +358,11 @@ def test_packed_decoder_matches_pytorch_in_every_mode(grid_decoder, grid_base_di
     layers = grid_decoder.num_layers
     assert len(grid_decoder.packed) == 7 * layers + 1  # every linear and the tied lm_head
     assert not onnx_session.OnnxDecoder(grid_decoder.path, pack_weights=False).packed
+    graph = onnx.load(str(grid_decoder.path)).graph
+    onnx_session.pack_linears(graph, {})
+    ops = [node.op_type for node in graph.node]
+    # q, k, v as one call; o; gate, up as one call; down; the Q8_0 lm_head's two 4-bit parts
+    assert ops.count("MatMulNBits") == 4 * layers + 2 and ops.count("Split") == 2 * layers
     ids = prompt + EXTRA
     diff = _max_diff(grid_decoder.logits(ids, prefill=len(prompt)), _reference_logits(grid_base_dir, None, ids))
     print(f"\npacked 4-bit base vs PyTorch: max abs diff {diff:.2e}")

@@ -13,12 +13,16 @@ as `worker.onnx_io` documents. An adapter is applied in one of three ways:
   the LoRA inputs and their branch removed, for devices that only run plain ONNX (its inputs are
   input_ids, attention_mask, position_ids and the past K/V; `OnnxDecoder` opens it too).
 
-Decoding is greedy with the KV cache (`generate`): one pass over the prompt, then one token per step.
+Decoding is greedy with the KV cache (`generate`): one pass over the prompt, then one token per step. On the
+CPU with a graph of IO version 2, each generation keeps its K/V in preallocated buffers that the graph's
+GroupQueryAttention appends to in place (`_Cache`, bound once through `io_binding`) instead of receiving the
+whole cache as new arrays every step; version-1 graphs and CUDA feed past/present arrays (`_PlainCache`).
 
 Exact 4-bit weights (`pack_linears`, on by default on the CPU): a linear whose float32 weights lie exactly on
 a GGUF block grid (Q4_1: w = d q + m per block of 32, q in 0..15; Q8_0: w = d q, q in -127..127) runs as
 ONNX Runtime's MatMulNBits on 4-bit codes instead of a float32 Gemm. Decoding one token reads every weight
-once, so it is memory bound: 4-bit codes with float32 block scales read 3 to 5x fewer bytes. The default
+once, so it is memory bound: 4-bit codes with float32 block scales read 3 to 5x fewer bytes. Linears that read
+the same input (q, k, v; gate, up) run as one MatMulNBits and a Split: fewer, larger kernel calls. The default
 base model is de-quantized from a Q4_1/Q8_0 GGUF, so every one of its linears lies on such a grid and the
 packed graph computes the same function (only the float summation order changes); weights that are not on a
 grid (any other model, a merged adapter) stay float32.
@@ -134,69 +138,51 @@ def _is_zero(name: str, constants: Mapping[str, onnx.NodeProto], weights: Mappin
     return name in weights and not numpy_helper.to_array(weights[name]).any()
 
 
+def _structure(form: PackedLinear) -> tuple:
+    """What must agree for linears to be packed as one: the parts' zero points and the offsets, present or not."""
+    return tuple(zero is None for _, _, zero in form.parts), form.offsets is None
+
+
 def pack_linears(
     graph: onnx.GraphProto, cache: MutableMapping[str, PackedLinear | None], skip: frozenset[str] = frozenset()
 ) -> list[str]:
     """Rewrite, in place, every Gemm x W^T on an initializer W that lies on a block grid as MatMulNBits nodes.
 
     `cache` holds `pack_linear` of each weight name already looked at (filled here); weights named in `skip`
-    (overridden at session creation) stay float32 Gemms. Returns the names of the packed weights.
+    (overridden at session creation) stay float32 Gemms. Linears of the same input x with the same kind of grid
+    (q, k and v; gate and up) run as one MatMulNBits on their weights stacked along the output, then a Split:
+    one larger kernel call instead of several (a decoding step is bound by per-call costs, not arithmetic).
+    Returns the names of the packed weights.
     """
     weights = {t.name: t for t in graph.initializer}
     constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
-    nodes: list[onnx.NodeProto] = []
-    block_sums: dict[str, str] = {}  # x -> its sums over blocks, computed once for the linears that share x
-    new: list[onnx.TensorProto] = []
-    packed = []
-    for node in graph.node:
+    groups: dict[tuple, list[int]] = {}  # (x, structure) -> indices of the Gemm nodes packed together
+    for index, node in enumerate(graph.node):
         name = node.input[1] if node.op_type == "Gemm" else ""
+        if name not in weights or name in skip:
+            continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         plain = attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1 and attrs.get("alpha", 1.0) == 1.0
-        has_bias = len(node.input) > 2 and node.input[2] and not _is_zero(node.input[2], constants, weights)
-        if name not in weights or name in skip or not plain or has_bias:
-            nodes.append(node)
+        if not plain or (len(node.input) > 2 and node.input[2] and not _is_zero(node.input[2], constants, weights)):
             continue
         if name not in cache:
             cache[name] = pack_linear(numpy_helper.to_array(weights[name]))
-        form = cache[name]
-        if form is None:
+        if cache[name] is not None:
+            groups.setdefault((node.input[0], _structure(cache[name])), []).append(index)
+    if not groups:
+        return []
+    first = {members[0]: members for members in groups.values()}  # emitted where the first one was: x exists
+    packed_nodes = {index for members in groups.values() for index in members}
+    packed = [graph.node[index].input[1] for index in sorted(packed_nodes)]
+    nodes: list[onnx.NodeProto] = []
+    new: list[onnx.TensorProto] = []
+    block_sums: dict[str, str] = {}  # x -> its sums over blocks, computed once for the linears that share x
+    for index, node in enumerate(graph.node):
+        if index in first:
+            linears = [graph.node[i] for i in first[index]]
+            nodes += _packed_nodes(linears, weights, cache, block_sums, new)
+        elif index not in packed_nodes:
             nodes.append(node)
-            continue
-        x, y = node.input[0], node.output[0]
-        out, k = weights[name].dims
-        terms = []
-        for i, (codes, scales, zero) in enumerate(form.parts):
-            inputs = [x, f"{name}.q{i}", f"{name}.scales{i}"]
-            new += [numpy_helper.from_array(codes, inputs[1]), numpy_helper.from_array(scales, inputs[2])]
-            if zero is not None:
-                inputs.append(f"{name}.zeros{i}")
-                new.append(numpy_helper.from_array(zero, inputs[3]))
-            terms.append(f"{y}.part{i}")
-            nodes.append(
-                onnx.helper.make_node(
-                    "MatMulNBits", inputs, [terms[-1]], domain=MS_DOMAIN, K=k, N=out, bits=4, block_size=BLOCK,
-                    accuracy_level=1,  # float32 activations and accumulation: exact, unlike int8 (level 4)
-                )
-            )  # fmt: skip
-        if form.offsets is not None:
-            if x not in block_sums:
-                block_sums[x] = f"{x}.block_sums"
-                shape, axes = f"{x}.block_shape", f"{x}.block_axes"
-                new += [
-                    numpy_helper.from_array(np.array([0, k // BLOCK, BLOCK], np.int64), shape),
-                    numpy_helper.from_array(np.array([2], np.int64), axes),
-                ]
-                nodes += [
-                    onnx.helper.make_node("Reshape", [x, shape], [f"{x}.blocks"]),
-                    onnx.helper.make_node("ReduceSum", [f"{x}.blocks", axes], [block_sums[x]], keepdims=0),
-                ]
-            new.append(numpy_helper.from_array(form.offsets, f"{name}.offsets"))
-            terms.append(f"{y}.offset")
-            nodes.append(onnx.helper.make_node("Gemm", [block_sums[x], f"{name}.offsets"], [terms[-1]], transB=1))
-        nodes.append(onnx.helper.make_node("Sum", terms, [y]))
-        packed.append(name)
-    if not packed:
-        return packed
     used = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
     nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in used]
     del graph.node[:]
@@ -205,6 +191,62 @@ def pack_linears(
     del graph.initializer[:]
     graph.initializer.extend(kept + new)
     return packed
+
+
+def _packed_nodes(
+    linears: list[onnx.NodeProto],
+    weights: Mapping[str, onnx.TensorProto],
+    cache: Mapping[str, PackedLinear | None],
+    block_sums: dict[str, str],
+    new: list[onnx.TensorProto],
+) -> list[onnx.NodeProto]:
+    """The nodes computing the outputs of `linears` (Gemms of one input x, on weights of one `_structure`) from
+    their packed forms stacked along the output; their new initializers are appended to `new`."""
+    names = [node.input[1] for node in linears]
+    forms = [cache[name] for name in names]
+    x, outs, k = linears[0].input[0], [weights[name].dims[0] for name in names], weights[names[0]].dims[1]
+    name = names[0] if len(names) == 1 else f"{names[0]}.stacked"
+    y = linears[0].output[0] if len(names) == 1 else f"{name}.out"
+    nodes, terms = [], []
+    for i in range(len(forms[0].parts)):
+        codes, scales = (np.concatenate([form.parts[i][j] for form in forms]) for j in (0, 1))
+        inputs = [x, f"{name}.q{i}", f"{name}.scales{i}"]
+        new += [numpy_helper.from_array(codes, inputs[1]), numpy_helper.from_array(scales, inputs[2])]
+        if forms[0].parts[i][2] is not None:
+            inputs.append(f"{name}.zeros{i}")
+            new.append(numpy_helper.from_array(np.concatenate([form.parts[i][2] for form in forms]), inputs[3]))
+        terms.append(f"{y}.part{i}")
+        nodes.append(
+            onnx.helper.make_node(
+                "MatMulNBits", inputs, [terms[-1]], domain=MS_DOMAIN, K=k, N=sum(outs), bits=4, block_size=BLOCK,
+                accuracy_level=1,  # float32 activations and accumulation: exact, unlike int8 (level 4)
+            )
+        )  # fmt: skip
+    if forms[0].offsets is not None:
+        if x not in block_sums:
+            block_sums[x] = f"{x}.block_sums"
+            shape, axes = f"{x}.block_shape", f"{x}.block_axes"
+            new += [
+                numpy_helper.from_array(np.array([0, k // BLOCK, BLOCK], np.int64), shape),
+                numpy_helper.from_array(np.array([2], np.int64), axes),
+            ]
+            nodes += [
+                onnx.helper.make_node("Reshape", [x, shape], [f"{x}.blocks"]),
+                onnx.helper.make_node("ReduceSum", [f"{x}.blocks", axes], [block_sums[x]], keepdims=0),
+            ]
+        new.append(numpy_helper.from_array(np.concatenate([form.offsets for form in forms]), f"{name}.offsets"))
+        # Gemm's C input adds the first part: an op fewer than a Sum.
+        gemm_inputs = [block_sums[x], f"{name}.offsets", terms[0]]
+        terms[0] = f"{y}.offset"
+        nodes.append(onnx.helper.make_node("Gemm", gemm_inputs, [terms[0]], transB=1))
+    if len(terms) == 1:
+        nodes[-1].output[0] = y  # the last node wrote the only term
+    else:
+        nodes.append(onnx.helper.make_node("Sum", terms, [y]))
+    if len(names) > 1:
+        new.append(numpy_helper.from_array(np.array(outs, np.int64), f"{name}.split"))
+        nodes.append(onnx.helper.make_node("Split", [y, f"{name}.split"], [n.output[0] for n in linears], axis=-1))
+    return nodes
 
 
 class OnnxDecoder:
@@ -261,6 +303,12 @@ class OnnxDecoder:
         _, kv_heads, _, head_dim = inputs[self._past_names[0]]
         self.num_layers = len(self._past_names) // 2
         self._empty_past = [_value(np.zeros((1, kv_heads, 0, head_dim), np.float32)) for _ in self._past_names]
+        self._kv_shape = (kv_heads, head_dim)
+        # A graph of IO version 2 attends with GroupQueryAttention, which appends the new K/V in place when past and
+        # present are one buffer: decoding then keeps one preallocated cache per generation (`_Cache`) instead of
+        # copying the whole cache into new arrays every step. Version 1 graphs (and CUDA) take the plain path.
+        version = meta.get(onnx_io.META_VERSION, "1")
+        self._in_place_cache = self._device == "cpu" and version.isdigit() and int(version) >= 2
 
         # LoRA inputs: the fixed dimension of each (A is (rank, in), B is (out, rank)), and a cached rank-0 feed.
         self._lora_dims = {
@@ -271,7 +319,7 @@ class OnnxDecoder:
             name: _value(np.zeros((0, dim) if name.endswith(".A") else (dim, 0), np.float32))
             for name, dim in self._lora_dims.items()
         }
-        if onnx_io.LORA_SCALE in inputs:
+        if onnx_io.LORA_SCALE in inputs:  # a graph of IO version 1
             self._rank0[onnx_io.LORA_SCALE] = _value(np.ones(1, np.float32))
         self._lora_feed = self._rank0
         self.adapter_spec: LoraSpec | None = None  # the hot-swapped adapter's spec, None when none is set
@@ -302,8 +350,11 @@ class OnnxDecoder:
                 raise ValueError(f"adapter ({layer}, {module!r}): A {a.shape} and B {b.shape} are not a LoRA pair")
             if (a.shape[1], b.shape[0]) != (self._lora_dims[name_a], self._lora_dims[name_b]):
                 raise ValueError(f"adapter ({layer}, {module!r}): A {a.shape} and B {b.shape} do not fit the graph")
+            if onnx_io.LORA_SCALE not in feed:  # the graph takes B with the scale folded in (IO version 2)
+                b = np.float32(spec.scale) * b
             feed[name_a], feed[name_b] = _value(a, self._device), _value(b, self._device)
-        feed[onnx_io.LORA_SCALE] = _value(np.array([spec.scale], np.float32))
+        if onnx_io.LORA_SCALE in feed:
+            feed[onnx_io.LORA_SCALE] = _value(np.array([spec.scale], np.float32))
         self._lora_feed, self.adapter_spec = feed, spec
 
     def clear_adapter(self) -> None:
@@ -365,20 +416,8 @@ class OnnxDecoder:
 
     # -- decoding ---------------------------------------------------------------------------------------------
 
-    def _run(
-        self, ids: list[int], past: list[ort.OrtValue], past_len: int, lora: dict[str, ort.OrtValue]
-    ) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """One pass over `ids` after `past_len` cached tokens: logits (len(ids), vocab) and the new K/V cache."""
-        total = past_len + len(ids)
-        feed = {
-            onnx_io.INPUT_IDS: _value(np.array([ids], np.int64)),
-            onnx_io.ATTENTION_MASK: _value(np.ones((1, total), np.int64)),
-            onnx_io.POSITION_IDS: _value(np.arange(past_len, total, dtype=np.int64)[None]),
-            **dict(zip(self._past_names, past, strict=True)),
-            **lora,
-        }
-        outputs = self.session.run_with_ort_values(self._output_names, feed)
-        return outputs[0].numpy()[0], outputs[1:]
+    def _stream(self, lora: dict[str, ort.OrtValue], capacity: int) -> _Cache | _PlainCache:
+        return _Cache(self, lora, capacity) if self._in_place_cache else _PlainCache(self, lora)
 
     def logits(self, token_ids: list[int], prefill: int | None = None) -> np.ndarray:
         """Logits (len(token_ids), vocab) of every position with the current adapter.
@@ -389,12 +428,9 @@ class OnnxDecoder:
         prefill = len(token_ids) if prefill is None else prefill
         if not 0 < prefill <= len(token_ids):
             raise ValueError(f"prefill must be between 1 and {len(token_ids)}, not {prefill}")
-        lora = self._lora_feed
-        logits, past = self._run(token_ids[:prefill], self._empty_past, 0, lora)
-        rows = [logits]
-        for i in range(prefill, len(token_ids)):
-            logits, past = self._run(token_ids[i : i + 1], past, i, lora)
-            rows.append(logits)
+        stream = self._stream(self._lora_feed, len(token_ids))
+        rows = [stream.run(token_ids[:prefill])]
+        rows += [stream.run(token_ids[i : i + 1]) for i in range(prefill, len(token_ids))]
         return np.concatenate(rows)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> Iterator[int]:
@@ -408,23 +444,97 @@ class OnnxDecoder:
     def _generate(
         self, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None, lora: dict[str, ort.OrtValue]
     ) -> Iterator[int]:
-        ids, past, past_len = prompt_ids, self._empty_past, 0
+        stream = self._stream(lora, len(prompt_ids) + min(max(max_new_tokens, 1), _CACHE_STEP))
+        ids = prompt_ids
         for _ in range(max_new_tokens):
-            logits, past = self._run(ids, past, past_len, lora)
-            past_len += len(ids)
-            token = int(np.argmax(logits[-1]))
+            token = int(np.argmax(stream.run(ids)[-1]))
             if token == eos_id:
                 return
             yield token
             ids = [token]
 
 
-def drop_lora_branch(graph: onnx.GraphProto) -> None:
-    """Remove the LoRA inputs, lora_scale and every node computing from them, in place.
+_CACHE_STEP = 512  # a generation's in-place KV cache starts with room for this many new tokens and grows by it
 
-    The exporter writes each target linear as Add(W x, lora_scale * B (A x)), so at rank 0 the Add returns its
-    base operand: such an Add is bypassed, and every other node reading a LoRA-derived value is dropped. A graph
-    where a LoRA-derived value reaches an output another way is refused.
+
+class _PlainCache:
+    """One generation's KV cache as the graph's past/present arrays: each run returns a new, longer cache."""
+
+    def __init__(self, decoder: OnnxDecoder, lora: dict[str, ort.OrtValue]) -> None:
+        self.decoder, self.lora = decoder, lora
+        self.past, self.length = decoder._empty_past, 0
+
+    def run(self, ids: list[int]) -> np.ndarray:
+        """One pass over `ids` after the cached tokens: their logits (len(ids), vocab); the cache takes them in."""
+        d, total = self.decoder, self.length + len(ids)
+        feed = {
+            onnx_io.INPUT_IDS: _value(np.array([ids], np.int64)),
+            onnx_io.ATTENTION_MASK: _value(np.ones((1, total), np.int64)),
+            onnx_io.POSITION_IDS: _value(np.arange(self.length, total, dtype=np.int64)[None]),
+            **dict(zip(d._past_names, self.past, strict=True)),
+            **self.lora,
+        }
+        outputs = d.session.run_with_ort_values(d._output_names, feed)
+        self.past, self.length = outputs[1:], total
+        return outputs[0].numpy()[0]
+
+
+class _Cache:
+    """One generation's KV cache as preallocated buffers (1, kv_heads, capacity, head_dim) that GroupQueryAttention
+    reads as past and writes as present in place (CPU, IO version 2): no per-step copy of the cache, and the
+    inputs stay bound (`io_binding`) between steps. Grows (one copy) when a run would not fit."""
+
+    def __init__(self, decoder: OnnxDecoder, lora: dict[str, ort.OrtValue], capacity: int) -> None:
+        self.decoder, self.length = decoder, 0
+        self.binding = decoder.session.io_binding()
+        self.binding.bind_output(onnx_io.LOGITS)  # bound first: output 0 (re-bound by name every run, in place)
+        for name, value in lora.items():
+            self.binding.bind_ortvalue_input(name, value)
+        self.buffers: list[np.ndarray] = []
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        d = self.decoder
+        kv_heads, head_dim = d._kv_shape
+        old, self.buffers = (
+            self.buffers,
+            [np.zeros((1, kv_heads, capacity, head_dim), np.float32) for _ in d._past_names],
+        )
+        for new, previous in zip(self.buffers, old, strict=False):
+            new[:, :, : self.length] = previous[:, :, : self.length]
+        # The OrtValues wrap the numpy buffers without a copy; the buffers live as long as this object.
+        for past, present, buffer in zip(d._past_names, d._output_names[1:], self.buffers, strict=True):
+            value = _value(buffer)
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+
+    def run(self, ids: list[int]) -> np.ndarray:
+        """One pass over `ids` after the cached tokens: their logits (len(ids), vocab); the cache takes them in."""
+        total = self.length + len(ids)
+        if total > self.buffers[0].shape[2]:
+            self._allocate(total + _CACHE_STEP)
+        binding = self.binding
+        binding.bind_cpu_input(onnx_io.INPUT_IDS, np.array([ids], np.int64))
+        binding.bind_cpu_input(onnx_io.ATTENTION_MASK, np.ones((1, total), np.int64))
+        binding.bind_cpu_input(onnx_io.POSITION_IDS, np.arange(self.length, total, dtype=np.int64)[None])
+        binding.bind_output(onnx_io.LOGITS)  # ORT allocates it anew: its length changes between runs
+        self.decoder.session.run_with_iobinding(binding)
+        self.length = total
+        return binding.get_outputs()[0].numpy()[0]
+
+
+def _plain_sum(gemm: onnx.NodeProto) -> bool:
+    """Whether this Gemm adds its C input unscaled (beta 1), so that it returns C when A @ B is empty."""
+    return all(a.name != "beta" or onnx.helper.get_attribute_value(a) == 1.0 for a in gemm.attribute)
+
+
+def drop_lora_branch(graph: onnx.GraphProto) -> None:
+    """Remove the LoRA inputs (and a version-1 graph's lora_scale) and every node computing from them, in place.
+
+    The exporter writes each target linear as Gemm(Gemm(x, A), B, C=W x) (version 1: Add(W x, lora_scale *
+    B (A x))), so at rank 0 that Gemm returns its C input (the Add its base operand): such a node is bypassed,
+    and every other node reading a LoRA-derived value is dropped. A graph where a LoRA-derived value reaches an
+    output another way is refused.
     """
     lora = {i.name for i in graph.input if i.name.startswith("lora.") or i.name == onnx_io.LORA_SCALE}
     tainted, alias = set(lora), {}  # alias: output of a bypassed Add -> its base operand
@@ -438,6 +548,8 @@ def drop_lora_branch(graph: onnx.GraphProto) -> None:
             kept.append(node)
         elif node.op_type == "Add" and hit.count(True) == 1:
             alias[node.output[0]] = inputs[hit.index(False)]
+        elif node.op_type == "Gemm" and len(inputs) == 3 and hit == [True, True, False] and _plain_sum(node):
+            alias[node.output[0]] = inputs[2]
         else:
             tainted.update(node.output)
     for output in graph.output:
