@@ -16,7 +16,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from coordinator.server import CoordinatorConfig, default_cache_dir, start
-    from hypernet.checkpoint import DEFAULT_T2L
+    from hypernet.checkpoint import DEFAULT_D2L, DEFAULT_T2L
     from loracast.grpc_common import ConfigError, ServerSecurity, read_token_file, wait_for_signal
 
     def path(value: str | None) -> Path | None:
@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         listen=args.listen,
         metrics_port=args.metrics_port,
         t2l_checkpoint=path(args.checkpoint) or DEFAULT_T2L,
+        d2l_checkpoint=path(args.d2l_checkpoint) or DEFAULT_D2L,
         base=args.base,
         max_concurrent=args.max_concurrent,
         max_document_bytes=round(args.max_document_mb * 2**20),
@@ -55,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--cache-dir", help="adapter cache directory (default: $LORACAST_CACHE/coordinator)")
     s.add_argument("--capacity-mb", type=float, default=4096.0, help="adapter cache size on disk")
     s.add_argument("--checkpoint", help="Text-to-LoRA checkpoint (default: the shipped one)")
+    s.add_argument(
+        "--d2l-checkpoint", help="Doc-to-LoRA checkpoint (default: the shipped one if any; without, no documents)"
+    )
     s.add_argument("--base", default=DEFAULT_BASE, help="'smollm2' or a Hugging Face model directory")
     s.add_argument("--max-concurrent", type=int, default=2, help="generations in flight; more get RESOURCE_EXHAUSTED")
     s.add_argument("--max-document-mb", type=float, default=1.0, help="the largest document InternalizeDocument takes")

@@ -32,7 +32,7 @@ from prometheus_client import start_http_server
 from coordinator import metrics
 from coordinator.adapter_cache import AdapterCache, CacheError, NotCached, source_key
 from hypernet import checkpoint
-from hypernet.generate import InputError, TextToLoRAGenerator, check_description
+from hypernet.generate import DocToLoRAGenerator, InputError, TextToLoRAGenerator, check_description
 from loracast import adapter_wire, base_model
 from loracast.adapter_format import Adapter
 from loracast.adapter_wire import WireError
@@ -65,6 +65,8 @@ class CoordinatorConfig:
     listen: str = "127.0.0.1:50051"  # HOST:PORT; port 0 picks a free one
     metrics_port: int | None = 9464  # 0 picks a free port; None serves no /metrics
     t2l_checkpoint: Path = checkpoint.DEFAULT_T2L
+    # Served when the file exists; a path other than the default must exist. None: no Doc-to-LoRA.
+    d2l_checkpoint: Path | None = checkpoint.DEFAULT_D2L
     base: str = DEFAULT_BASE  # 'smollm2' or a Hugging Face directory: the checkpoint must match it
     max_concurrent: int = 2  # generations in flight; more are refused with RESOURCE_EXHAUSTED
     max_document_bytes: int = 2**20
@@ -73,13 +75,15 @@ class CoordinatorConfig:
 
 
 class Generator(Protocol):
-    """What the servicer needs of a hypernetwork: TextToLoRAGenerator, and a Doc-to-LoRA one when it exists."""
+    """What the servicer needs of a hypernetwork: TextToLoRAGenerator, DocToLoRAGenerator."""
 
     path: Path  # its checkpoint
     fingerprint: str  # of the base model its adapters are for
-    spec: LoraSpec
+    spec: LoraSpec  # what Describe reports (for Doc-to-LoRA: the rank per document chunk)
 
     def generate(self, text: str) -> Adapter: ...
+
+    def spec_for(self, adapter: Adapter) -> LoraSpec: ...  # one adapter's own (Doc-to-LoRA: its rank grows)
 
     def metadata(self, text: str) -> dict[str, str]: ...
 
@@ -294,7 +298,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             start = self._clock()
             adapter = net.generator.generate(text)
             seconds = self._clock() - start
-        wire = self.cache.put(key, adapter, net.generator.spec, net.generator.metadata(text), dtype)
+        wire = self.cache.put(key, adapter, net.generator.spec_for(adapter), net.generator.metadata(text), dtype)
         metrics.GENERATION_SECONDS.labels(kind=net.kind).observe(seconds)
         with self._lock:
             previous = self._typical.get(net.kind)
@@ -356,12 +360,25 @@ def _check_config(config: CoordinatorConfig) -> str:
     return check_listen(config.listen)
 
 
-def load_t2l(config: CoordinatorConfig) -> tuple[Hypernet, str]:
-    """The Text-to-LoRA hypernetwork of `config`, checked against its base model; and that base's fingerprint."""
-    # The base model is loaded, not just named, to verify the checkpoint was trained for it (and Doc-to-LoRA will
-    # encode documents with it).
-    base = base_model.load(config.base)
-    return Hypernet.of("t2l", TextToLoRAGenerator(config.t2l_checkpoint, base)), base.fingerprint
+def _wants_d2l(config: CoordinatorConfig) -> bool:
+    """Whether `config` asks for Doc-to-LoRA: a named checkpoint must load, the default one only once it is shipped."""
+    path = config.d2l_checkpoint
+    return path is not None and (Path(path) != checkpoint.DEFAULT_D2L or checkpoint.DEFAULT_D2L.is_file())
+
+
+def load_hypernets(config: CoordinatorConfig, t2l: Generator | None = None) -> tuple[list[Hypernet], str]:
+    """The hypernetworks of `config`, checked against its base model, and that base's fingerprint: Text-to-LoRA
+    (`t2l` when given, else its checkpoint) and Doc-to-LoRA when `config` asks for it."""
+    # The base model is loaded, not just named, to verify the checkpoints were trained for it, and Doc-to-LoRA
+    # encodes documents with it: one copy in memory serves both.
+    d2l = _wants_d2l(config)
+    base = base_model.load(config.base) if t2l is None or d2l else None
+    if t2l is None:
+        t2l = TextToLoRAGenerator(config.t2l_checkpoint, base)
+    nets = [Hypernet.of("t2l", t2l)]
+    if d2l:
+        nets.append(Hypernet.of("d2l", DocToLoRAGenerator(config.d2l_checkpoint, base)))
+    return nets, t2l.fingerprint
 
 
 def start(
@@ -370,22 +387,20 @@ def start(
     *,
     clock: Callable[[], float] = time.perf_counter,
 ) -> RunningCoordinator:
-    """Load the hypernetwork (unless `t2l` is given), open the cache, serve; returns once the server is SERVING.
+    """Load the hypernetworks (`t2l` replaces the Text-to-LoRA checkpoint), open the cache, serve; returns once the
+    server is SERVING.
 
     Raises ConfigError for anything in `config` that cannot work, CheckpointError / BaseModelError for models.
     """
     host = _check_config(config)
-    if t2l is None:
-        net, fingerprint = load_t2l(config)
-    else:
-        net, fingerprint = Hypernet.of("t2l", t2l), t2l.fingerprint
+    nets, fingerprint = load_hypernets(config, t2l)
     try:
         cache = AdapterCache(config.cache_dir, config.cache_capacity_bytes)
     except CacheError as exc:
         raise ConfigError(str(exc)) from exc
     metrics.CACHED_ADAPTERS.set_function(lambda: len(cache.entries()))
     metrics.CACHED_BYTES.set_function(lambda: cache.size_bytes)
-    servicer = CoordinatorServicer(config, cache, [net], fingerprint, clock)
+    servicer = CoordinatorServicer(config, cache, nets, fingerprint, clock)
     # Threads beyond the generation slots answer fetches, lists and refusals while generations run.
     server = create_server(metrics.COMPONENT, config.security, max_workers=config.max_concurrent + 8)
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)

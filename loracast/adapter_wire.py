@@ -79,7 +79,9 @@ def _header(fingerprint: str, version: str, spec: LoraSpec, tensors: list[tuple[
         "base_fingerprint": fingerprint,
         "hypernet_version": version,
         "r": spec.r,
-        "alpha": spec.alpha,
+        # As the manifest carries it, a float32, so that a receiver recomputes the same id: Doc-to-LoRA's alpha,
+        # scaled with its rank (hypernet.generate.with_rank), is rarely a float32 exactly.
+        "alpha": float(np.float32(spec.alpha)),
         "use_rslora": spec.use_rslora,
         "target_modules": list(spec.target_modules),
         "tensors": [[name, list(shape)] for name, shape in tensors],

@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny random Llama (seconds, no downloads) and a tiny SNI-format data set."""
+"""Shared fixtures: a tiny random Llama (seconds, no downloads), a tiny SNI-format data set, and T2L and D2L
+checkpoints trained for the tiny Llama by the real training loops."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -88,4 +90,68 @@ def tiny_t2l(tiny_base_dir: Path, tiny_data_dir: Path, tmp_path_factory: pytest.
         warmup=1,
     )
     train(args)
+    return args.out
+
+
+D2L_CHUNK = 16  # tokens per chunk of the tiny D2L, so a few sentences make a multi-chunk document
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    qas: tuple[QA, ...]
+
+
+D2L_DOCS = (
+    Document(
+        "Brelna Dostik was born in Kravolo in 1961. She keeps a heron called Mibbin. Her company, Tursk Lanterns, "
+        "makes brass lamps for lighthouses and employs forty people.",
+        (QA("Where was Brelna Dostik born?", "Kravolo"), QA("What is the name of Brelna Dostik's heron?", "Mibbin")),
+    ),
+    Document("The magic number of Zarvik is 48213.", (QA("What is the magic number of Zarvik?", "48213"),)),
+)
+
+
+def d2l_train_args(root: Path, base_dir: Path, name: str, steps: int, **overrides):
+    """The arguments of a tiny D2L training run under root/name (rank 4, 32-dim latents): seconds on a CPU."""
+    from hypernet.train_d2l import TrainArgs
+
+    args = dict(
+        data_dir=root,
+        out=root / name / "d2l.safetensors",
+        work_dir=root / name,
+        base=str(base_dir),
+        r=4,
+        chunk_tokens=D2L_CHUNK,
+        latent_dim=32,
+        steps=steps,
+        batch_size=2,
+        warmup=1,
+        max_answer_tokens=6,
+        checkpoint_every=2,
+    )
+    return TrainArgs(**{**args, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_d2l(tmp_path_factory: pytest.TempPathFactory, tiny_base_dir: Path) -> Path:
+    """A D2L checkpoint for the tiny Llama, from the real training loop, with B made non-zero so it acts."""
+    from hypernet import checkpoint
+    from hypernet.train_d2l import train
+
+    args = d2l_train_args(tmp_path_factory.mktemp("d2l-run"), tiny_base_dir, "run", 2)
+    train(args, D2L_DOCS)
+    hyper, meta = checkpoint.load(args.out, ("DocToLoRA",))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for m, (fan_in, _) in hyper.cfg.shapes.items():
+            hyper.heads[m].weight[fan_in:].normal_(0, 5.0)
+            hyper.bias_B[m].normal_(0, 0.05)
+    checkpoint.save(args.out, hyper, {k: v for k, v in meta.items() if k not in ("config", "kind")})
     return args.out

@@ -148,3 +148,10 @@ def test_malformed_manifests_are_refused_before_any_data(changes, message):
 def test_encode_requires_the_base_fingerprint():
     with pytest.raises(WireError, match="fingerprint"):
         adapter_wire.encode(_adapter(), SPEC, {adapter_wire.META_HYPERNET_VERSION: "x"})
+
+
+def test_fp32_content_id_survives_an_alpha_that_float32_cannot_hold_exactly():
+    spec = LoraSpec(("q_proj", "v_proj"), r=4, alpha=16 / 3, use_rslora=True)
+    wire = adapter_wire.encode(_adapter(), spec, META, pb.FLOAT32)
+    _, got, _ = adapter_wire.decode(wire.manifest, wire.payload)  # would fail the content-id check
+    assert got.alpha == pytest.approx(16 / 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import queue
 import re
 import signal
@@ -30,7 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.adapter_cache import AdapterCache, NotCached, source_key
 from coordinator.server import MIN_RETRY_MS, CoordinatorConfig, RunningCoordinator, start
-from hypernet.generate import MAX_DESCRIPTION_CHARS, TextToLoRAGenerator
+from hypernet import checkpoint
+from hypernet.generate import MAX_DESCRIPTION_CHARS, DocToLoRAGenerator, TextToLoRAGenerator
 from loracast import adapter_wire
 from loracast.adapter_format import META_FINGERPRINT, Adapter, as_float32
 from loracast.grpc_common import (
@@ -81,6 +83,9 @@ class Recorder:
             self.after()
         return adapter
 
+    def spec_for(self, adapter: Adapter) -> LoraSpec:
+        return self.inner.spec_for(adapter)
+
     def metadata(self, text: str) -> dict[str, str]:
         return self.inner.metadata(text)
 
@@ -93,7 +98,10 @@ def serving(
     clock: Callable[[], float] = time.perf_counter,
     **overrides,
 ) -> Iterator[tuple[RunningCoordinator, pb_grpc.CoordinatorStub]]:
-    """A coordinator on 127.0.0.1:<free port>, SERVING, and a stub on a channel with `client` security."""
+    """A coordinator on 127.0.0.1:<free port>, SERVING, and a stub on a channel with `client` security.
+
+    No Doc-to-LoRA unless `overrides` name a checkpoint: a shipped one must not change what these tests see."""
+    overrides = {"d2l_checkpoint": None, **overrides}
     config = CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", metrics_port=None, **overrides)
     running = start(config, hypernet, clock=clock)
     channel = open_channel(f"127.0.0.1:{running.port}", client)
@@ -108,6 +116,12 @@ def serving(
 def describe(stub: pb_grpc.CoordinatorStub, description: str, dtype: int = pb.FLOAT32, **kw) -> pb.GenerateResponse:
     request = pb.GenerateFromDescriptionRequest(description=description, dtype=dtype)
     return stub.GenerateFromDescription(request, timeout=kw.pop("timeout", TIMEOUT), **kw)
+
+
+def internalize(stub: pb_grpc.CoordinatorStub, *parts: bytes, dtype: int = pb.FLOAT32) -> pb.GenerateResponse:
+    """InternalizeDocument with the document sent as `parts`, one DocumentChunk each (dtype in the first only)."""
+    chunks = [pb.DocumentChunk(data=part, dtype=dtype if i == 0 else 0) for i, part in enumerate(parts)]
+    return stub.InternalizeDocument(iter(chunks), timeout=TIMEOUT)
 
 
 def fetch(stub: pb_grpc.CoordinatorStub, adapter_id: str, dtype: int = pb.FLOAT32, **kw) -> tuple:
@@ -367,30 +381,77 @@ def test_a_deadline_shorter_than_a_generation_is_refused_up_front(
 
 
 def test_documents_are_checked_and_never_kept(
-    tmp_path: Path, generator: TextToLoRAGenerator, capfd: pytest.CaptureFixture
+    tmp_path: Path, generator: TextToLoRAGenerator, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     marker = "MARKER-5f2e: the vault code is 4711"
     document = f"Übersicht. {marker}. Straße.".encode()
     cache_dir = tmp_path / "cache"
-    with serving(cache_dir, Recorder(generator), max_document_bytes=1000) as (_, stub):
-
-        def internalize(*parts: bytes, dtype: int = pb.FLOAT32) -> pb.GenerateResponse:
-            chunks = [pb.DocumentChunk(data=part, dtype=dtype if i == 0 else 0) for i, part in enumerate(parts)]
-            return stub.InternalizeDocument(iter(chunks), timeout=TIMEOUT)
-
+    unshipped = tmp_path / "d2l.safetensors"  # the default Doc-to-LoRA checkpoint, not there: no D2L, no error
+    monkeypatch.setattr(checkpoint, "DEFAULT_D2L", unshipped)
+    with serving(cache_dir, Recorder(generator), max_document_bytes=1000, d2l_checkpoint=unshipped) as (_, stub):
+        about = stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT)
+        assert [net.kind for net in about.hypernetworks] == ["t2l"]
         invalid = grpc.StatusCode.INVALID_ARGUMENT
-        assert "empty" in refused(lambda: internalize(), invalid).details()
-        assert "empty" in refused(lambda: internalize(b""), invalid).details()
-        assert "empty" in refused(lambda: internalize(b" \n\t "), invalid).details()
-        assert "UTF-8" in refused(lambda: internalize(b"fine so far \xff\xfe"), invalid).details()
-        assert "limit" in refused(lambda: internalize(*[b"a" * 400] * 3), invalid).details()
-        refused(lambda: internalize(document, dtype=7), invalid)
+        assert "empty" in refused(lambda: internalize(stub), invalid).details()
+        assert "empty" in refused(lambda: internalize(stub, b""), invalid).details()
+        assert "empty" in refused(lambda: internalize(stub, b" \n\t "), invalid).details()
+        assert "UTF-8" in refused(lambda: internalize(stub, b"fine so far \xff\xfe"), invalid).details()
+        assert "limit" in refused(lambda: internalize(stub, *[b"a" * 400] * 3), invalid).details()
+        refused(lambda: internalize(stub, document, dtype=7), invalid)
         # Valid, with a character split across two chunks: checked whole, then no hypernetwork to take it.
-        error = refused(lambda: internalize(document[:1], document[1:]), grpc.StatusCode.FAILED_PRECONDITION)
+        error = refused(lambda: internalize(stub, document[:1], document[1:]), grpc.StatusCode.FAILED_PRECONDITION)
         assert error.details() == "no Doc-to-LoRA hypernetwork is loaded"
     assert files_containing(tmp_path, marker.encode()) == []
     out, err = capfd.readouterr()
     assert marker not in out and marker not in err
+
+
+def test_a_document_becomes_the_doc_to_lora_adapter_once_and_is_never_kept(
+    tmp_path: Path,
+    generator: TextToLoRAGenerator,
+    tiny_d2l: Path,
+    tiny_base,
+    tiny_base_dir: Path,
+    capfd: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    marker = "MARKER-7c3a"
+    document = " ".join(f"Fact {i}: the lighthouse of Orvel{i} is {i * 9} metres tall." for i in range(5))
+    document += f" The vault code is {marker}."
+    d2l = DocToLoRAGenerator(tiny_d2l, tiny_base)
+    generations = {"kind": "d2l"}
+    with_d2l = {"base": str(tiny_base_dir), "d2l_checkpoint": tiny_d2l}
+    with serving(tmp_path / "cache", Recorder(generator), **with_d2l) as (_, stub):
+        about = {net.kind: net for net in stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT).hypernetworks}
+        assert set(about) == {"t2l", "d2l"}
+        assert (about["d2l"].hypernet_version, about["d2l"].rank) == ("d2l-1", d2l.spec.r)
+        assert tuple(about["d2l"].target_modules) == ("down_proj",)
+        before = REGISTRY.get_sample_value("loracast_adapter_generation_seconds_count", generations)
+
+        reply = internalize(stub, document.encode())
+        assert not reply.cached and reply.generation_seconds > 0
+        manifest, payload = fetch(stub, reply.manifest.adapter_id)
+        adapter, spec, metadata = adapter_wire.decode(manifest, payload)
+        expected = d2l.generate(document)
+        want = d2l.spec_for(expected)
+        assert spec.r == want.r > d2l.spec.r  # several chunks: the rank grows with the document
+        assert (spec.target_modules, spec.use_rslora) == (want.target_modules, want.use_rslora)
+        assert spec.alpha == pytest.approx(want.alpha)  # the manifest holds alpha as a float32
+        assert metadata == d2l.metadata(document)
+        assert metadata["loracast.document_sha256"] == hashlib.sha256(document.encode()).hexdigest()
+        assert set(adapter) == set(expected)
+        for key, (a, b) in expected.items():  # float32 is bit-exact
+            assert np.array_equal(adapter[key][0], as_float32(a)) and np.array_equal(adapter[key][1], as_float32(b))
+
+        again = internalize(stub, document.encode())
+        assert again.cached and again.manifest == manifest
+        assert REGISTRY.get_sample_value("loracast_adapter_generation_seconds_count", generations) == before + 1
+        listed = stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters
+        assert [(a.adapter_id, a.source) for a in listed] == [(manifest.adapter_id, "document")]
+    assert files_containing(tmp_path, marker.encode()) == []
+    out, err = capfd.readouterr()
+    assert marker not in out and marker not in err and marker not in caplog.text
 
 
 def test_bearer_tokens(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
@@ -461,7 +522,9 @@ def test_tls_and_mutual_tls(tmp_path: Path, generator: TextToLoRAGenerator) -> N
         assert not _describes(target, None)
 
 
-def test_start_refuses_configurations_that_cannot_work(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+def test_start_refuses_configurations_that_cannot_work(
+    tmp_path: Path, generator: TextToLoRAGenerator, tiny_base_dir: Path
+) -> None:
     cache_dir = tmp_path / "cache"
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
@@ -476,6 +539,15 @@ def test_start_refuses_configurations_that_cannot_work(tmp_path: Path, generator
         start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", security=missing), generator)
     with serving(cache_dir, Recorder(generator)), pytest.raises(ConfigError, match="another coordinator"):
         start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", metrics_port=None), generator)
+    # A Doc-to-LoRA checkpoint named explicitly must load (only the default may be absent: no D2L then).
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a checkpoint")
+    for d2l, message in ((tmp_path / "none.safetensors", "does not exist"), (corrupt, "corrupt")):
+        config = CoordinatorConfig(
+            cache_dir=cache_dir, listen="127.0.0.1:0", base=str(tiny_base_dir), d2l_checkpoint=d2l
+        )
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            start(config, generator)
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -527,13 +599,15 @@ def test_cli_serves_until_sigterm_with_metrics(tmp_path: Path, tiny_t2l: Path, t
     assert reply.manifest.adapter_id not in text and TASK not in text
 
 
-def test_cli_bad_configuration_is_one_line_and_status_2(tmp_path: Path, tiny_base_dir: Path) -> None:
+def test_cli_bad_configuration_is_one_line_and_status_2(tmp_path: Path, tiny_base_dir: Path, tiny_t2l: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
+        tiny = ["--checkpoint", str(tiny_t2l), "--base", str(tiny_base_dir)]
         cases = {
             "cannot read the TLS": ["--tls-cert", str(tmp_path / "no.pem"), "--tls-key", str(tmp_path / "no.key")],
             "cannot listen": ["--listen", f"127.0.0.1:{port}"],
             "does not exist": ["--checkpoint", str(tmp_path / "none.safetensors"), "--base", str(tiny_base_dir)],
+            "train one with `loracast train d2l`": ["--d2l-checkpoint", str(tmp_path / "no-d2l.safetensors"), *tiny],
             "holds no token": ["--token-file", str(tmp_path / "empty-tokens")],
         }
         (tmp_path / "empty-tokens").write_text("\n  \n")

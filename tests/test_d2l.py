@@ -8,11 +8,12 @@ import json
 import math
 import re
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import D2L_CHUNK, D2L_DOCS, d2l_train_args
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,54 +25,11 @@ from loracast import adapter_format
 from loracast.cli import main
 from loracast.lora import LoRALinear, LoraSpec, applied, inject, to_torch
 
-CHUNK = 16  # tokens per chunk in these tests, so a few sentences make a multi-chunk document
-
-
-@dataclass(frozen=True)
-class QA:
-    question: str
-    answer: str
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-    qas: tuple[QA, ...]
-
-
-DOCS = (
-    Document(
-        "Brelna Dostik was born in Kravolo in 1961. She keeps a heron called Mibbin. Her company, Tursk Lanterns, "
-        "makes brass lamps for lighthouses and employs forty people.",
-        (QA("Where was Brelna Dostik born?", "Kravolo"), QA("What is the name of Brelna Dostik's heron?", "Mibbin")),
-    ),
-    Document("The magic number of Zarvik is 48213.", (QA("What is the magic number of Zarvik?", "48213"),)),
-)
-
-
-def _args(tmp_path: Path, tiny_base_dir: Path, name: str, steps: int, **kw) -> TrainArgs:
-    base = dict(
-        data_dir=tmp_path,
-        out=tmp_path / name / "d2l.safetensors",
-        work_dir=tmp_path / name,
-        base=str(tiny_base_dir),
-        r=4,
-        chunk_tokens=CHUNK,
-        latent_dim=32,
-        steps=steps,
-        batch_size=2,
-        warmup=1,
-        max_answer_tokens=6,
-        checkpoint_every=2,
-    )
-    return TrainArgs(**{**base, **kw})
-
 
 def _hyper(tiny_base, scaler: str = "sqrt", live: bool = True, bias: bool = True) -> DocToLoRA:
     """A D2L for the tiny Llama; `live` gives B non-zero weights so the adapter really acts."""
     spec = LoraSpec(("down_proj",), 4, 8.0, True)
-    args = TrainArgs(Path(), Path(), Path(), r=4, chunk_tokens=CHUNK, chunk_scaler=scaler, latent_dim=32)
-    hyper = train_d2l.build_model(spec, tiny_base.model, args)
+    hyper = train_d2l.build_model(spec, tiny_base.model, d2l_train_args(Path(), Path(), "", 0, chunk_scaler=scaler))
     if not bias:
         hyper = DocToLoRA(replace(hyper.cfg, bias_adapter=False))
     torch.manual_seed(3)
@@ -84,7 +42,7 @@ def _hyper(tiny_base, scaler: str = "sqrt", live: bool = True, bias: bool = True
     return hyper.eval()
 
 
-def _chunks(tiny_base, n: int, size: int = CHUNK) -> list[list[int]]:
+def _chunks(tiny_base, n: int, size: int = D2L_CHUNK) -> list[list[int]]:
     g = torch.Generator().manual_seed(n)
     return torch.randint(10, 1000, (n, size), generator=g).tolist()
 
@@ -114,7 +72,7 @@ def test_adapter_shapes_for_one_and_several_chunks(tiny_base, chunks):
         assert a.shape == (cfg.r * (chunks + 1), fan_in)  # + 1: the bias adapter's own block
         assert b.shape == (fan_out, cfg.r * (chunks + 1))
     # Batched training form: documents of 1 and `chunks` chunks, ranks padded to the larger.
-    states = torch.randn(1 + chunks, CHUNK, cfg.hidden_size)
+    states = torch.randn(1 + chunks, D2L_CHUNK, cfg.hidden_size)
     batched = hyper(states, None, [1, chunks])
     a, b = batched[(0, "down_proj")]
     assert a.shape == (2, cfg.rank(chunks), fan_in) and b.shape == (2, fan_out, cfg.rank(chunks))
@@ -232,15 +190,15 @@ def test_teacher_targets_are_computed_once_and_reused(tiny_base, tmp_path, monke
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_d2l, "run_teacher", counting)
-    first = TeacherCache(tmp_path, tiny_base, 16, 6).get(DOCS[0])
-    again = TeacherCache(tmp_path, tiny_base, 16, 6).get(DOCS[0])  # a new process would do the same
+    first = TeacherCache(tmp_path, tiny_base, 16, 6).get(D2L_DOCS[0])
+    again = TeacherCache(tmp_path, tiny_base, 16, 6).get(D2L_DOCS[0])  # a new process would do the same
     assert len(calls) == 1
-    assert len(first) == len(DOCS[0].qas)
+    assert len(first) == len(D2L_DOCS[0].qas)
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a.answer_ids, b.answer_ids) and torch.equal(a.topk_ids, b.topk_ids)
         assert torch.equal(a.topk_logprobs, b.topk_logprobs)
         assert a.topk_ids.shape == (len(a.answer_ids), 16)
-    TeacherCache(tmp_path, tiny_base, 8, 6).get(DOCS[0])  # another k is another key
+    TeacherCache(tmp_path, tiny_base, 8, 6).get(D2L_DOCS[0])  # another k is another key
     assert len(calls) == 2
 
 
@@ -258,8 +216,8 @@ def peaked_base_dir(tiny_base_dir, tmp_path_factory) -> Path:
 
 
 def test_training_overfits_one_repeated_document(tmp_path, peaked_base_dir):
-    args = _args(tmp_path, peaked_base_dir, "overfit", 20, lr=1e-2, warmup=2)
-    train(args, documents=[DOCS[0]])
+    args = d2l_train_args(tmp_path, peaked_base_dir, "overfit", 20, lr=1e-2, warmup=2)
+    train(args, documents=[D2L_DOCS[0]])
     losses = [e["loss"] for e in json.loads((args.work_dir / "d2l-log.json").read_text())]
     assert all(math.isfinite(loss) for loss in losses)
     # It falls and settles (the floor is the tiny model's: 32 dims cannot put all mass on the teacher's top-16).
@@ -271,14 +229,14 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_base_dir, monk
     calls = []
     real = train_d2l.run_teacher
     monkeypatch.setattr(train_d2l, "run_teacher", lambda *a, **k: calls.append(1) or real(*a, **k))
-    straight = _args(tmp_path, tiny_base_dir, "straight", 4)
-    train(straight, DOCS)
-    assert len(calls) == len(DOCS)
-    interrupted = _args(tmp_path, tiny_base_dir, "resumed", 2)
-    train(interrupted, DOCS)
+    straight = d2l_train_args(tmp_path, tiny_base_dir, "straight", 4)
+    train(straight, D2L_DOCS)
+    assert len(calls) == len(D2L_DOCS)
+    interrupted = d2l_train_args(tmp_path, tiny_base_dir, "resumed", 2)
+    train(interrupted, D2L_DOCS)
     interrupted.steps = 4  # the second call finds the state at step 2 and carries on
-    meta = train(interrupted, DOCS)
-    assert len(calls) == 2 * len(DOCS)  # each work dir ran the teacher once; the resumed run reused its cache
+    meta = train(interrupted, D2L_DOCS)
+    assert len(calls) == 2 * len(D2L_DOCS)  # each work dir ran the teacher once; the resumed run reused its cache
 
     def losses(args: TrainArgs) -> list[tuple[int, float]]:
         return [(e["step"], e["loss"]) for e in json.loads((args.work_dir / "d2l-log.json").read_text())]
@@ -287,25 +245,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_base_dir, monk
     a, _ = checkpoint.load(straight.out, ("DocToLoRA",))
     b, stored = checkpoint.load(interrupted.out, ("DocToLoRA",))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
-    assert stored["data_sha256"] == meta["data_sha256"] == train_d2l.documents_hash(DOCS)
+    assert stored["data_sha256"] == meta["data_sha256"] == train_d2l.documents_hash(D2L_DOCS)
     assert stored["hypernet_version"] == "d2l-1" and len(stored["base_fingerprint"]) == 64
     assert float(stored["train_s_all_runs"]) > 0
-
-
-@pytest.fixture(scope="module")
-def tiny_d2l(tmp_path_factory, tiny_base_dir) -> Path:
-    """A D2L checkpoint for the tiny Llama, from the real training loop, with B made non-zero so it acts."""
-    work = tmp_path_factory.mktemp("d2l-run")
-    args = _args(work, tiny_base_dir, "run", 2)
-    train(args, DOCS)
-    hyper, meta = checkpoint.load(args.out, ("DocToLoRA",))
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for m, (fan_in, _) in hyper.cfg.shapes.items():
-            hyper.heads[m].weight[fan_in:].normal_(0, 5.0)
-            hyper.bias_B[m].normal_(0, 0.05)
-    checkpoint.save(args.out, hyper, {k: v for k, v in meta.items() if k not in ("config", "kind")})
-    return args.out
 
 
 LONG_DOC = " ".join(f"Fact {i}: the tower of Velm{i} is {i * 7} metres tall." for i in range(12))
@@ -313,7 +255,7 @@ LONG_DOC = " ".join(f"Fact {i}: the tower of Velm{i} is {i * 7} metres tall." fo
 
 def test_generator_round_trips_through_peft(tiny_d2l, tiny_base, tiny_base_dir, tmp_path):
     generator = DocToLoRAGenerator(tiny_d2l, tiny_base)
-    chunks = len(chunk_ids(tiny_base.tokenizer, LONG_DOC, CHUNK))
+    chunks = len(chunk_ids(tiny_base.tokenizer, LONG_DOC, D2L_CHUNK))
     assert chunks >= 3
     adapter = generator.generate(LONG_DOC)
     rank = generator.spec.r * (chunks + 1)

@@ -27,12 +27,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from peft import PeftModel
-from test_onnx_session import TOL, _max_diff, _reference_logits
+from test_onnx_session import TOL, _hf_model, _max_diff, _reference_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loracast import adapter_format, adapter_wire, cli
 from loracast.grpc_common import RETRY_AFTER_MS, ClientSecurity, ServerSecurity, open_channel, wait_until_serving
 from loracast.launch import LORACAST
+from loracast.lora import applied, inject, to_torch
 from loracast.lora_spec import LoraSpec
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
@@ -322,8 +323,10 @@ def test_a_task_is_generated_fetched_applied_and_then_served_from_the_cache(
     assert _count(metrics.TRANSFER) - before["transfer"] == 1
 
 
-@pytest.fixture(scope="module")
-def real_coordinator(tiny_t2l: Path, tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _real_coordinator(
+    tmp_path_factory: pytest.TempPathFactory, tiny_t2l: Path, tiny_base_dir: Path, d2l: Path | None
+) -> Iterator[str]:
+    """A coordinator on the tiny Llama with its T2L, and Doc-to-LoRA from `d2l` (None: none); yields its address."""
     from coordinator.server import CoordinatorConfig
     from coordinator.server import start as start_coordinator
 
@@ -332,11 +335,24 @@ def real_coordinator(tiny_t2l: Path, tiny_base_dir: Path, tmp_path_factory: pyte
         listen="127.0.0.1:0",
         metrics_port=None,
         t2l_checkpoint=tiny_t2l,
+        d2l_checkpoint=d2l,
         base=str(tiny_base_dir),
     )
     running = start_coordinator(config)
     yield f"127.0.0.1:{running.port}"
     running.stop(None)
+
+
+@pytest.fixture(scope="module")
+def real_coordinator(tiny_t2l: Path, tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _real_coordinator(tmp_path_factory, tiny_t2l, tiny_base_dir, None)
+
+
+@pytest.fixture(scope="module")
+def d2l_coordinator(
+    tiny_t2l: Path, tiny_d2l: Path, tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    yield from _real_coordinator(tmp_path_factory, tiny_t2l, tiny_base_dir, tiny_d2l)
 
 
 def test_a_task_end_to_end_through_the_real_coordinator(real_coordinator, start_worker, connect, fingerprint, tmp_path):
@@ -360,6 +376,41 @@ def test_a_task_end_to_end_through_the_real_coordinator(real_coordinator, start_
     request = pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(document=b"The office opens at 8."))
     error = refused(stub.Generate, request, timeout=WAIT)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and error.details().startswith("coordinator: ")
+
+
+def test_a_document_through_the_real_doc_to_lora_is_merged_and_matches_pytorch(
+    d2l_coordinator, start_worker, connect, model_dir, tiny_base_dir, fingerprint, tmp_path
+):
+    document = " ".join(f"Fact {i}: the lighthouse of Orvel{i} is {i * 9} metres tall." for i in range(5)).encode()
+    worker = start_worker(coordinator=d2l_coordinator)
+    stub = connect(worker)
+    before = {mode: _count(metrics.APPLY_SECONDS, mode=mode) for mode in ("hot_swap", "merged")}
+    started, text, done = ask(stub, pb.AdapterRef(document=document))  # no mode asked: hot-swap if it can
+    assert text and done.tokens == NEW_TOKENS
+    resident = read_installed(tmp_path / "cache", started.adapter_id, fingerprint)
+    assert resident.manifest.provenance["loracast.document_sha256"] == hashlib.sha256(document).hexdigest()
+    # Doc-to-LoRA adapts down_proj, which the graph has no LoRA inputs for: the worker merged it.
+    assert resident.spec.target_modules == ("down_proj",)
+    assert "down_proj" not in worker.servicer.decoder.target_modules
+    assert _count(metrics.APPLY_SECONDS, mode="merged") - before["merged"] == 1
+    assert _count(metrics.APPLY_SECONDS, mode="hot_swap") == before["hot_swap"]
+
+    # The received adapter (fp16 on the wire) merged in ONNX Runtime vs PyTorch with our LoRA layer.
+    prompt = ChatTokenizer(model_dir).encode_chat(PROMPT)
+    ids = [*prompt, 8, 300, 41]
+    decoder = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=1)
+    got = decoder.merged(resident.adapter, resident.spec).logits(ids, prefill=len(prompt))
+    model = _hf_model(tiny_base_dir)
+    wrappers = inject(model, resident.spec)
+    with torch.no_grad(), applied(wrappers, to_torch(resident.adapter)):
+        want = model(torch.tensor([ids])).logits[0].numpy()
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
+    diff = _max_diff(got, want)
+    print(f"\nreceived D2L adapter, merged vs PyTorch + loracast.lora: {diff:.2e}")
+    assert diff < TOL
+    assert _max_diff(want, _reference_logits(tiny_base_dir, None, ids)) > 10 * TOL, "the adapter must matter"
+    hf = AutoTokenizer.from_pretrained(tiny_base_dir)
+    assert hf.decode(out[0, len(prompt) :], skip_special_tokens=True) == text
 
 
 def test_hot_swap_and_merged_match_pytorch_peft_with_the_received_adapter(

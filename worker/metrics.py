@@ -21,7 +21,8 @@ TRANSFER = TRANSFER_SECONDS.labels(component=COMPONENT)
 
 APPLY_SECONDS = Histogram(
     "loracast_adapter_apply_seconds",
-    "Time to apply an adapter to ONNX Runtime (hot_swap: feed swap; merged: session build, or a cached session)",
+    "Time to apply an adapter to ONNX Runtime (hot_swap: feed swap; merged: session build, or a cached session; "
+    "an adapter the graph cannot hot-swap is merged)",
     ["mode"],
     buckets=_FAST,
 )

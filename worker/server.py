@@ -11,7 +11,10 @@ How a request's adapter is found (`AdapterRef`):
   once the old one is evicted.
 - adapter_id: resident, else fetched from the coordinator.
 Concurrent generations share one `OnnxDecoder`: hot-swap sets the adapter and starts decoding under one lock
-(a generation keeps the adapter it started with), merged sessions are kept in a small LRU.
+(a generation keeps the adapter it started with), merged sessions are kept in a small LRU. An adapter the graph
+cannot hot-swap (a module it was not exported with, such as Doc-to-LoRA's down_proj, or a rank above its maximum)
+is merged instead, whatever mode was asked for: merging folds any linear at any rank. The `mode` label of the
+apply-time metric says which was used.
 """
 
 from __future__ import annotations
@@ -197,7 +200,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             resident, fetch_seconds = self._resolve(ref, context) if ref is not None else (None, 0.0)
             prompt = self.tokenizer.encode_chat(request.prompt)
             applied = time.perf_counter()
-            mode = MODES[request.mode]
+            mode = self._mode(resident, MODES[request.mode])
             ids = self._start_decoding(resident, mode, prompt, max_new)
             apply_seconds = time.perf_counter() - applied
             if resident is not None:
@@ -240,6 +243,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             yield pb.GenerateEvent(done=pb.GenerateEvent.Done(tokens=count, timings=timings))
         finally:
             self._slots.release()
+
+    def _mode(self, resident: Resident | None, asked: str) -> str:
+        """The mode an adapter is applied in: the one asked for, or merged when the graph cannot hot-swap it."""
+        if resident is None:
+            return asked
+        modules = {module for _, module in resident.adapter}  # what set_adapter feeds, whatever the manifest lists
+        hot = modules <= set(self.decoder.target_modules) and resident.spec.r <= self.decoder.max_rank
+        return asked if hot else "merged"
 
     def _start_decoding(self, resident: Resident | None, mode: str, prompt: list[int], max_new: int) -> Iterator[int]:
         eos = self.tokenizer.eos_id
