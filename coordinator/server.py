@@ -27,7 +27,6 @@ from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health
-from prometheus_client import start_http_server
 
 from coordinator import metrics
 from coordinator.adapter_cache import AdapterCache, CacheError, NotCached, source_key
@@ -42,6 +41,7 @@ from loracast.grpc_common import (
     check_listen,
     create_server,
     retry_later,
+    start_metrics,
     start_serving,
     streamed,
 )
@@ -412,10 +412,10 @@ def start(
     metrics_server, metrics_port = None, None
     if config.metrics_port is not None:
         try:
-            metrics_server, _ = start_http_server(config.metrics_port, addr=host.strip("[]"))
-        except OSError as exc:
+            metrics_server = start_metrics(config.metrics_port, host)
+        except ConfigError:
             server.stop(None)
             cache.close()
-            raise ConfigError(f"cannot serve metrics on port {config.metrics_port}: {exc.strerror}") from exc
+            raise
         metrics_port = metrics_server.server_port
     return RunningCoordinator(server, health_servicer, servicer, cache, host, port, metrics_port, metrics_server)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -263,10 +264,13 @@ def start_serving(
     return port, health_servicer
 
 
-def start_metrics(port: int, addr: str = "0.0.0.0") -> int:
-    """Serve /metrics for Prometheus on `port` (0 picks one); returns the port."""
-    server, _ = start_http_server(port, addr=addr)
-    return server.server_port
+def start_metrics(port: int, host: str) -> ThreadingHTTPServer:
+    """Serve /metrics for Prometheus on `port` (0 picks one) of `host`; the caller shuts the server down."""
+    try:
+        server, _ = start_http_server(port, addr=host.strip("[]"))
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on port {port}: {exc.strerror}") from exc
+    return server
 
 
 def retry_later(context: grpc.ServicerContext, retry_after_ms: int, message: str) -> None:

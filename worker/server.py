@@ -32,7 +32,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
-from prometheus_client import start_http_server
 
 from loracast import adapter_wire
 from loracast.grpc_common import (
@@ -44,6 +43,7 @@ from loracast.grpc_common import (
     create_server,
     open_channel,
     retry_later,
+    start_metrics,
     start_serving,
 )
 from loracast.paths import DEFAULT_BASE
@@ -418,10 +418,10 @@ def start(config: WorkerConfig) -> RunningWorker:
     port, health_servicer = start_serving(server, config.listen, config.security, [SERVICE])
     metrics_server, metrics_port = None, None
     if config.metrics_port is not None:
-        try:  # not grpc_common.start_metrics: its server could not be shut down by `stop`
-            metrics_server, _ = start_http_server(config.metrics_port, addr=host.strip("[]"))
-        except OSError as exc:
+        try:
+            metrics_server = start_metrics(config.metrics_port, host)
+        except ConfigError:
             server.stop(None)
-            raise ConfigError(f"cannot serve metrics on port {config.metrics_port}: {exc.strerror}") from exc
+            raise
         metrics_port = metrics_server.server_port
     return RunningWorker(server, health_servicer, servicer, channel, host, port, metrics_port, metrics_server)
