@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         running = start(config)
     except OSError as exc:  # a file or directory the configuration names, unreadable in a way no check foresaw
         raise ConfigError(str(exc)) from exc
-    wait_for_signal(running.server, running.health, running.ready_line())
+    wait_for_signal(running.ready_line(), running.stop)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -279,17 +279,14 @@ def retry_later(context: grpc.ServicerContext, retry_after_ms: int, message: str
     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
-def wait_for_signal(
-    server: grpc.Server, health_servicer: health.HealthServicer, ready_line: str, grace: float = 5.0
-) -> None:
-    """Print one ready line, serve until SIGTERM or SIGINT, then drain: NOT_SERVING first, then stop."""
-    stop = threading.Event()
+def wait_for_signal(ready_line: str, stop: Callable[[float], None], grace: float = 5.0) -> None:
+    """Print one ready line, serve until SIGTERM or SIGINT, then `stop(grace)` (the server's own drain)."""
+    signalled = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: signalled.set())
     print(ready_line, flush=True)
-    stop.wait()
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace).wait()
+    signalled.wait()
+    stop(grace)
     print("stopped", file=sys.stderr, flush=True)
 
 

@@ -64,8 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"{where}{exc.strerror or exc}: check --cache-dir, --model and $LORACAST_CACHE (the ONNX export's home)"
         ) from exc
-    wait_for_signal(running.server, running.health, running.ready_line())
-    running.stop(0)  # the server has drained already: this releases the metrics port and the coordinator channel
+    wait_for_signal(running.ready_line(), running.stop)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
