@@ -297,7 +297,6 @@ def test_checkpoint_kinds_are_not_confused(tiny_d2l, tiny_t2l, tiny_base):
     assert D2LConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
-@pytest.mark.skipif(not checkpoint.DEFAULT_T2L.is_file(), reason="no shipped T2L checkpoint")
 def test_shipped_t2l_checkpoints_still_load():
     for path in (checkpoint.DEFAULT_T2L, checkpoint.DEFAULT_MTL):
         model, meta = checkpoint.load(path)
