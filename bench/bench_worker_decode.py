@@ -9,12 +9,21 @@ decodes the same count) on a few chat prompts, for:
 - onnx_fp32: the worker's `OnnxDecoder` on the exported graph with every weight float32 (`pack_weights=False`);
 - onnx: the worker's default decoder, no adapter (linears on the base model's GGUF grid run as exact 4-bit);
 - onnx_hot_swap: the default decoder with a rank-8 q_proj,v_proj adapter fed as graph inputs;
-- onnx_merged: a session with that adapter folded into q_proj and v_proj (those stay float32).
+- onnx_merged: a session with that adapter folded into q_proj and v_proj (those stay float32);
+- onnx_int8_act: the opt-in fast decoder (`int8_activations=True`): the same 4-bit linears with int8-quantized
+  activations (MatMulNBits accuracy_level 4). LOSSY, so its quality is measured too (below).
 
 Runs are interleaved (each round runs every mode on every prompt, in a rotated order) so that load from
 other processes on the machine hits all modes alike; the medians over runs are reported, with ratios to
 torch_eager. Also: switching to an adapter already resident (`set_adapter`), building a merged session, and
 the largest logit difference of each ONNX mode from PyTorch (+ the adapter) on one prompt.
+
+Quality (`quality` in the JSON), base model, for torch_eager, onnx (exact) and onnx_int8_act on the same run:
+perplexity teacher-forced over fixed text (the reading-comprehension passages of
+`hypernet.d2l_data.rc_documents(default data dir, "heldout")`, then "train" passages in their fixed order until
+--ppl-tokens scored tokens; each passage is one pass through `OnnxDecoder.logits`, every token after a
+passage's first is scored), the fraction of those positions whose argmax equals torch's, the fraction of the
+timed runs' greedy tokens identical to torch's (position by position) and the first position they diverge.
 Writes bench/results/worker_decode.json and prints a markdown table.
 """
 
@@ -36,6 +45,8 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
+from hypernet.d2l_data import rc_documents
+from hypernet.sni_data import default_data_dir
 from loracast import base_model
 from loracast.lora import applied, inject, to_torch
 from loracast.lora_spec import LoraSpec
@@ -115,6 +126,48 @@ def _max_logit_diff(decoder: OnnxDecoder, model: PreTrainedModel, ids: list[int]
     return float(np.abs(decoder.logits(ids, prefill=prefill) - want).max())
 
 
+def _ppl_texts(tokenizer: ChatTokenizer, min_tokens: int) -> tuple[list[list[int]], dict]:
+    """Token ids of fixed passages (rc heldout, then rc train in order) until `min_tokens` are scored."""
+    data = default_data_dir()
+    if data is None:
+        raise SystemExit("no data directory for the perplexity text: set $LORACAST_DATA (rc/*.json)")
+    texts, parts, scored = [], {}, 0
+    for part in ("heldout", "train"):
+        for doc in rc_documents(data, part):
+            if scored >= min_tokens:
+                break
+            ids = tokenizer.encode(doc.text)
+            if len(ids) < 2:
+                continue
+            texts.append(ids)
+            parts[part] = parts.get(part, 0) + 1
+            scored += len(ids) - 1
+    return texts, {"source": "rc passages (hypernet.d2l_data.rc_documents)", "passages": parts, "tokens": scored}
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def _teacher_forced(logits_of: Callable[[list[int]], np.ndarray], texts: list[list[int]]) -> tuple[float, np.ndarray]:
+    """(perplexity, argmax at every scored position) of one model over the passages."""
+    nll, argmax = [], []
+    for ids in texts:
+        logp = _log_softmax(logits_of(ids)[:-1])
+        nll.append(-logp[np.arange(len(ids) - 1), ids[1:]])
+        argmax.append(logp.argmax(-1))
+    return float(np.exp(np.concatenate(nll).mean())), np.concatenate(argmax)
+
+
+def _agreement(got: list[list[int]], want: list[list[int]]) -> dict:
+    """Greedy tokens identical to the reference, position by position, and where each run first diverges."""
+    same = [np.asarray(a) == np.asarray(b) for a, b in zip(got, want, strict=True)]
+    first = [int(np.argmin(s)) if not s.all() else len(s) for s in same]
+    return {"fraction": round(float(np.concatenate(same).mean()), 4), "first_divergence": first}
+
+
 def _median_ms(xs: list[float]) -> float:
     return round(1000 * statistics.median(xs), 2)
 
@@ -126,6 +179,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="runs of every (mode, prompt) pair")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both frameworks")
     p.add_argument("--switch-repeats", type=int, default=50)
+    p.add_argument("--ppl-tokens", type=int, default=6000, help="tokens scored for the perplexity (at least)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -140,6 +194,7 @@ def main() -> None:
     decoder = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=args.threads)
     load_s = time.perf_counter() - start
     fp32 = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=args.threads, pack_weights=False)
+    int8 = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=args.threads, int8_activations=True)
     adapter, other = _random_adapter(model, SPEC, 1), _random_adapter(model, OTHER_SPEC, 2)
     merge_s = []
     start = time.perf_counter()
@@ -159,6 +214,7 @@ def main() -> None:
         "onnx": lambda prompt, n: _timed(decoder.generate(prompt, n)),
         "onnx_hot_swap": lambda prompt, n: _timed(hot_swap(prompt, n)),
         "onnx_merged": lambda prompt, n: _timed(merged.generate(prompt, n)),
+        "onnx_int8_act": lambda prompt, n: _timed(int8.generate(prompt, n)),
     }
     for run in modes.values():  # warm-up: first-run allocations are not what users wait for
         run(prompts[0], 4)
@@ -195,12 +251,37 @@ def main() -> None:
 
     # Last, because inject() wraps the torch model's q_proj and v_proj (the timed torch runs use the plain model).
     ids, prefill = prompts[0] + outputs["torch_eager"][0][:3], len(prompts[0])
-    logit_diff = {name: _max_logit_diff(d, model, ids, prefill) for name, d in (("onnx_fp32", fp32), ("onnx", decoder))}
+    pairs = (("onnx_fp32", fp32), ("onnx", decoder), ("onnx_int8_act", int8))
+    logit_diff = {name: _max_logit_diff(d, model, ids, prefill) for name, d in pairs}
     with applied(inject(model, SPEC), to_torch(adapter)):
         logit_diff["onnx_merged"] = _max_logit_diff(merged, model, ids, prefill)
         decoder.set_adapter(adapter, SPEC)
         logit_diff["onnx_hot_swap"] = _max_logit_diff(decoder, model, ids, prefill)
         decoder.clear_adapter()
+
+    # Quality of the lossy fast mode beside the exact decoder and PyTorch, on the same text (base model).
+    texts, ppl_source = _ppl_texts(tokenizer, args.ppl_tokens)
+
+    def torch_logits(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].numpy()
+
+    ppl, top1 = {}, {}
+    for name, logits_of in (("torch_eager", torch_logits), ("onnx", decoder.logits), ("onnx_int8_act", int8.logits)):
+        ppl[name], top1[name] = _teacher_forced(logits_of, tqdm(texts, desc=f"perplexity {name}", leave=False))
+    quality = {
+        "perplexity_text": ppl_source,
+        "perplexity": {name: round(v, 4) for name, v in ppl.items()},
+        "perplexity_vs_torch": {name: round(v / ppl["torch_eager"] - 1, 5) for name, v in ppl.items()},
+        "teacher_forced_top1_same_as_torch": {
+            name: round(float((top1[name] == top1["torch_eager"]).mean()), 4) for name in ("onnx", "onnx_int8_act")
+        },
+        "greedy_tokens_same_as_torch": {
+            name: _agreement(outputs[name], outputs["torch_eager"]) for name in ("onnx", "onnx_int8_act")
+        },
+        "greedy_tokens_int8_act_same_as_onnx": _agreement(outputs["onnx_int8_act"], outputs["onnx"]),
+        "max_logit_diff_vs_torch": {name: float(f"{logit_diff[name]:.1e}") for name in ("onnx", "onnx_int8_act")},
+    }
 
     tokens_per_s = {name: round(statistics.median(rate[name]), 1) for name in names}
     torch_rate = tokens_per_s["torch_eager"]
@@ -228,8 +309,9 @@ def main() -> None:
         "max_logit_diff_vs_torch": {name: float(f"{d:.1e}") for name, d in logit_diff.items()},
         "same_tokens_as_torch": {
             name: [a == b for a, b in zip(outputs[name], outputs["torch_eager"], strict=True)]
-            for name in ("onnx_fp32", "onnx")
+            for name in ("onnx_fp32", "onnx", "onnx_int8_act")
         },
+        "quality": quality,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "worker_decode.json").write_text(json.dumps(result, indent=2))
@@ -257,6 +339,19 @@ def main() -> None:
         f"{len(decoder.packed)} linears run as exact 4-bit"
     )
     print(f"same greedy tokens as torch: {result['same_tokens_as_torch']}")
+    print(
+        f"\nquality, base model: perplexity over {ppl_source['tokens']} tokens of {ppl_source['source']} "
+        f"{ppl_source['passages']}; greedy tokens from the timed runs ({len(prompts)} prompts x {args.new_tokens})\n"
+    )
+    print("| mode | perplexity | vs torch | teacher-forced top-1 = torch | greedy tokens = torch | first divergence |")
+    print("|---|---|---|---|---|---|")
+    for name in ("torch_eager", "onnx", "onnx_int8_act"):
+        greedy = quality["greedy_tokens_same_as_torch"].get(name, {"fraction": 1.0, "first_divergence": "-"})
+        print(
+            f"| {name} | {quality['perplexity'][name]} | {quality['perplexity_vs_torch'][name]:+.3%} | "
+            f"{quality['teacher_forced_top1_same_as_torch'].get(name, 1.0)} | {greedy['fraction']} | "
+            f"{greedy['first_divergence']} |"
+        )
     print(f"\n{headline}")
 
 

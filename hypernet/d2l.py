@@ -7,11 +7,18 @@
     B          = [s(C) B_1, ..., s(C) B_C, B_bias]         plus the learned bias adapter as its own block
 
 so the combined delta is  B A = s(C) * sum_c B_c A_c + B_bias A_bias,  of rank r * (C + 1) (r * C without
-the bias adapter). s(C) is the chunk scaler (1, 1/sqrt(C) or 1/C): concatenating many chunks grows the
-delta, which the anchor's users saw garble answers at 4-5k tokens, so it is configurable and measured.
+the bias adapter), capped at `max_rank` when a document is internalized (below). s(C) is the chunk scaler
+(1, 1/sqrt(C) or 1/C): concatenating many chunks grows the delta, which the anchor's users saw garble answers
+at 4-5k tokens, so it is configurable and measured.
 
 Chunks stream through the encoder one at a time (`internalize`): only one chunk's hidden states are alive
-at once, so peak memory does not grow with the document; what grows is the adapter itself, r rows per chunk.
+at once. The adapter would still grow by r rows per chunk (a 1 MB text, ~1,000 chunks, is rank ~8,000), so
+`internalize` keeps one running (A, B) per module and, whenever its rank passes `max_rank`, replaces it with
+the best rank-`max_rank` approximation of its product B A (`truncate`, an SVD computed on the factors). Peak
+memory is then flat in the document's length. Each truncation is optimal for the running sum it sees, so a
+document truncated at most once (r * C <= max_rank) gets exactly the best approximation of the uncapped
+delta; longer ones get a streaming approximation of it. Training (`forward`) combines without a cap:
+its documents are a few chunks, far below it.
 
 B's head weights and the bias adapter's B start at zero, so an untrained D2L leaves the base model exactly
 unchanged; A starts live (Kaiming-scale rows) so B gets gradients from the first step. Head outputs are
@@ -53,18 +60,21 @@ class D2LConfig(ShapesConfig):
     num_heads: int = 4
     num_blocks: int = 2
     bias_adapter: bool = True
+    max_rank: int = 64  # per module: `internalize` compresses a longer document's adapter to this rank
 
     def __post_init__(self) -> None:
         if self.chunk_scaler not in CHUNK_SCALERS:
             raise ValueError(f"unknown chunk scaler {self.chunk_scaler!r}; choose one of {CHUNK_SCALERS}")
         if not 1 <= self.encoder_layers <= self.num_layers:
             raise ValueError(f"encoder_layers must be in 1..{self.num_layers}, not {self.encoder_layers}")
+        if self.max_rank < 1:
+            raise ValueError(f"max_rank must be at least 1, not {self.max_rank}")
 
     def chunk_scale(self, chunks: int) -> float:
         return {"none": 1.0, "sqrt": 1 / math.sqrt(chunks), "linear": 1 / chunks}[self.chunk_scaler]
 
     def rank(self, chunks: int) -> int:
-        """The rank of a combined adapter of `chunks` chunks."""
+        """The rank of a combined adapter of `chunks` chunks, before any cap."""
         return self.r * (chunks + int(self.bias_adapter))
 
 
@@ -134,12 +144,18 @@ class DocToLoRA(nn.Module):
         for m, (a, b) in chunks.items():
             c, n_layers, r, fan_in = a.shape
             a_cat = a.transpose(0, 1).reshape(n_layers, c * r, fan_in)
-            b_cat = self.cfg.chunk_scale(c) * b.permute(1, 2, 0, 3).reshape(n_layers, b.shape[2], c * r)
-            if self.cfg.bias_adapter:
-                a_cat = torch.cat([a_cat, self.bias_A[m]], dim=1)
-                b_cat = torch.cat([b_cat, self.bias_B[m]], dim=2)
-            out[m] = (a_cat, b_cat)
+            b_cat = b.permute(1, 2, 0, 3).reshape(n_layers, b.shape[2], c * r)
+            out[m] = self.finish(m, a_cat, b_cat, c)
         return out
+
+    def finish(self, module: str, a: torch.Tensor, b: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unscaled sum of a document's `chunks` chunk deltas, A (L, R, in) / B (L, out, R), -> the
+        document's adapter: B scaled by s(C), the bias adapter appended as its own block."""
+        b = self.cfg.chunk_scale(chunks) * b
+        if self.cfg.bias_adapter:
+            a = torch.cat([a, self.bias_A[module]], dim=1)
+            b = torch.cat([b, self.bias_B[module]], dim=2)
+        return a, b
 
     def forward(self, states: torch.Tensor, padding: torch.Tensor | None, chunk_counts: Sequence[int]) -> Adapter:
         """A batch of documents whose chunks are stacked in `states` (sum(chunk_counts), T, hidden), in order.
@@ -201,17 +217,53 @@ def pad_chunks(chunks: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tens
     return ids, mask
 
 
+def truncate(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the best rank-`rank` approximation (Eckart-Young) of B A, for A (..., R, in), B (..., out, R).
+
+    Computed on the factors, never on the (out x in) product: with B = Q_B R_B and A^T = Q_A R_A (thin QR),
+    B A = Q_B (R_B R_A^T) Q_A^T, so the SVD of the small (R x R) core gives that of B A. Each side takes the
+    square root of the kept singular values, so B A keeps its scale and A and B stay balanced. At most
+    `rank` rows come back (fewer if B A has fewer dimensions); a rank already within the cap is left as it is.
+    """
+    if a.shape[-2] <= rank:
+        return a, b
+    q_b, r_b = torch.linalg.qr(b.float())  # float: QR and SVD want it, and a half-precision core loses the tail
+    q_a, r_a = torch.linalg.qr(a.float().transpose(-1, -2))
+    u, s, vh = torch.linalg.svd(r_b @ r_a.transpose(-1, -2), full_matrices=False)
+    root = s[..., :rank].sqrt()
+    b_kept = q_b @ (u[..., :rank] * root.unsqueeze(-2))
+    a_kept = (root.unsqueeze(-1) * vh[..., :rank, :]) @ q_a.transpose(-1, -2)
+    return a_kept.to(a.dtype), b_kept.to(b.dtype)
+
+
 @torch.no_grad()
-def internalize(hyper: DocToLoRA, model: PreTrainedModel, chunks: Iterable[Sequence[int]]) -> Adapter:
-    """One document, given as token-id chunks (consumed lazily), -> {(layer, module): (A (R, in), B (out, R))}."""
-    parts: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {m: ([], []) for m in hyper.cfg.shapes}
+def internalize(
+    hyper: DocToLoRA, model: PreTrainedModel, chunks: Iterable[Sequence[int]], max_rank: int | None = None
+) -> Adapter:
+    """One document, given as token-id chunks (consumed lazily), -> {(layer, module): (A (R, in), B (out, R))},
+    R <= max_rank (default: the config's). Memory is flat in the number of chunks: see the module docstring."""
+    cap = hyper.cfg.max_rank if max_rank is None else max_rank
+    if cap < 1:
+        raise ValueError(f"max_rank must be at least 1, not {cap}")
+    # Per module, the sum of the chunk deltas so far, rank <= cap. Unscaled: s(C) needs the final chunk count,
+    # and scaling B commutes with truncation, so `finish` applies it at the end.
+    running: ModuleLoras = {}
+    count = 0
     for ids in chunks:
         states = encode(model, torch.tensor([list(ids)]), None, hyper.cfg.encoder_layers)
         for m, (a, b) in hyper.chunk_loras(states).items():
-            parts[m][0].append(a[0])
-            parts[m][1].append(b[0])
+            if m in running:
+                a = torch.cat([running[m][0], a[0]], dim=1)
+                b = torch.cat([running[m][1], b[0]], dim=2)
+            else:
+                a, b = a[0], b[0]
+            running[m] = truncate(a, b, cap)
+        count += 1
         del states  # before the next chunk is encoded: one chunk's states at a time
-    if not parts[next(iter(parts))][0]:
+    if not count:
         raise ValueError("a document needs at least one token")
-    combined = hyper.combine({m: (torch.stack(a), torch.stack(b)) for m, (a, b) in parts.items()})
-    return {(layer, m): (a[layer], b[layer]) for m, (a, b) in combined.items() for layer in range(hyper.cfg.num_layers)}
+    adapter: Adapter = {}
+    for m, (a, b) in running.items():
+        a, b = truncate(*hyper.finish(m, a, b, count), cap)
+        adapter.update({(layer, m): (a[layer], b[layer]) for layer in range(hyper.cfg.num_layers)})
+    return adapter

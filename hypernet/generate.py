@@ -93,7 +93,7 @@ class HypernetGenerator(ABC):
         return text
 
     def spec_for(self, adapter: Adapter) -> LoraSpec:
-        """The spec of one generated adapter (Doc-to-LoRA's rank grows with the document)."""
+        """The spec of one generated adapter (Doc-to-LoRA's rank grows with the document, up to its cap)."""
         return with_rank(self.spec, next(iter(adapter.values()))[0].shape[0])
 
     def metadata(self, text: str) -> dict[str, str]:
@@ -137,13 +137,16 @@ class DocToLoRAGenerator(HypernetGenerator):
     source_key = "loracast.document_sha256"
     version = checkpoint.D2L_VERSION
 
-    def __init__(self, path: Path = checkpoint.DEFAULT_D2L, base: BaseModel | None = None) -> None:
+    def __init__(
+        self, path: Path = checkpoint.DEFAULT_D2L, base: BaseModel | None = None, max_rank: int | None = None
+    ) -> None:
         if base is None:
             raise ValueError("Doc-to-LoRA encodes documents with the base model: pass the loaded base")
         super().__init__(path, base)
         self.base = base
+        self.max_rank = self.hyper.cfg.max_rank if max_rank is None else max_rank  # None: the checkpoint's
 
     def generate(self, document: str) -> Adapter:
-        """{(layer, module): (A (R, in), B (out, R))}, R = r x (chunks + 1 for the bias adapter)."""
+        """{(layer, module): (A (R, in), B (out, R))}, R = min(r x (chunks + 1 for the bias adapter), max_rank)."""
         chunks = chunk_ids(self.base.tokenizer, check_document(document), self.hyper.cfg.chunk_tokens)
-        return internalize(self.hyper, self.base.model, chunks)
+        return internalize(self.hyper, self.base.model, chunks, self.max_rank)

@@ -172,6 +172,93 @@ def test_peak_memory_does_not_grow_with_the_number_of_chunks(tiny_base):
     assert _peak_bytes(lambda: encode(tiny_base.model, ids, None, 1)) > 3 * two
 
 
+def _product(adapter, key=(0, "down_proj")) -> torch.Tensor:
+    a, b = adapter[key]
+    return b @ a
+
+
+def _best(product: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-`rank` approximation of `product`, from its full SVD (only affordable at tiny sizes)."""
+    u, s, vh = torch.linalg.svd(product.double(), full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).float()
+
+
+def test_truncate_gives_the_best_low_rank_approximation_without_the_product():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 40, 64, generator=g), torch.randn(3, 32, 40, generator=g)  # batched over 3 layers
+    a_kept, b_kept = d2l.truncate(a, b, 10)
+    assert a_kept.shape == (3, 10, 64) and b_kept.shape == (3, 32, 10)
+    for layer in range(3):
+        assert torch.allclose(b_kept[layer] @ a_kept[layer], _best(b[layer] @ a[layer], 10), atol=1e-4)
+    # Singular values are split evenly, so both factors carry the same norm per rank row.
+    assert torch.allclose(a_kept.norm(dim=-1), b_kept.norm(dim=-2), rtol=1e-4)
+    assert d2l.truncate(a, b, 40) == (a, b)  # within the cap: untouched
+
+
+def test_a_cap_at_or_above_the_true_rank_changes_nothing(tiny_base):
+    """12 chunks of rank 4 are truncated to 32 after each chunk from the 9th on; down_proj is 64 -> 32, so the
+    delta's true rank is at most 32 and every truncation is lossless."""
+    hyper = _hyper(tiny_base)
+    chunks = _chunks(tiny_base, 12)
+    plain = internalize(hyper, tiny_base.model, chunks, max_rank=10**6)
+    capped = internalize(hyper, tiny_base.model, chunks, max_rank=32)
+    assert plain[(0, "down_proj")][0].shape[0] == hyper.cfg.rank(12) == 52
+    for key in plain:
+        assert capped[key][0].shape[0] == capped[key][1].shape[1] == 32
+        assert torch.allclose(_product(capped, key), _product(plain, key), atol=1e-5)
+
+
+def test_a_cap_below_the_true_rank_gives_the_best_approximation(tiny_base):
+    """2 chunks of rank 4 and a cap of 4: one truncation, after the 2nd chunk (no bias block here), so the
+    result is exactly the best approximation of the uncapped delta."""
+    hyper = _hyper(tiny_base, bias=False)
+    chunks = _chunks(tiny_base, 2)
+    plain = internalize(hyper, tiny_base.model, chunks, max_rank=10**6)
+    capped = internalize(hyper, tiny_base.model, chunks, max_rank=4)
+    for key in plain:
+        assert capped[key][0].shape[0] == capped[key][1].shape[1] == 4
+        want = _best(_product(plain, key), 4)
+        assert torch.allclose(_product(capped, key), want, atol=1e-5)
+        assert (_product(plain, key) - want).norm() > 0.05  # the cap really cut something (singular values 5-8)
+    # Many truncations while streaming: the rank stays at the cap and the delta stays close to the uncapped one.
+    hyper = _hyper(tiny_base)
+    chunks = _chunks(tiny_base, 24)
+    plain, capped = (internalize(hyper, tiny_base.model, chunks, max_rank=cap) for cap in (10**6, 14))
+    for key in plain:
+        assert capped[key][0].shape[0] == 14
+        full = _product(plain, key)
+        best_error = (full - _best(full, 14)).norm()
+        assert best_error <= (full - _product(capped, key)).norm() <= 1.5 * best_error
+
+
+def test_the_cap_is_in_the_config_and_old_checkpoints_load_with_the_default(tiny_d2l, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    assert D2LConfig.max_rank == 64
+    meta = checkpoint.read_metadata(tiny_d2l)
+    config = json.loads(meta["config"])
+    assert config["max_rank"] == 64  # recorded in new checkpoints
+    del config["max_rank"]  # as a checkpoint from before the cap stores it
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(tiny_d2l), old, metadata={**meta, "config": json.dumps(config)})
+    hyper, _ = checkpoint.load(old, ("DocToLoRA",))
+    assert hyper.cfg.max_rank == 64
+    with pytest.raises(ValueError, match="max_rank"):
+        D2LConfig.from_dict({**config, "max_rank": 0})
+
+
+def test_with_a_cap_peak_memory_does_not_grow_with_the_number_of_chunks(tiny_base):
+    """Short chunks, so the adapter rather than the encoder sets the peak: uncapped, it grows with the chunks."""
+    hyper = _hyper(tiny_base)
+
+    def run(n: int, cap: int) -> int:
+        return _peak_bytes(lambda: internalize(hyper, tiny_base.model, iter(_chunks(tiny_base, n)), max_rank=cap))
+
+    few, many = run(4, 8), run(64, 8)
+    assert many <= 1.1 * few, (few, many)
+    assert run(64, 10**6) > 2 * few  # the same measurement sees plain concatenation grow
+
+
 def test_topk_kl_is_zero_when_the_student_matches_and_positive_otherwise():
     logits = torch.randn(3, 50)
     top = torch.log_softmax(logits, -1).topk(50)
@@ -253,12 +340,13 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_base_dir, monk
 LONG_DOC = " ".join(f"Fact {i}: the tower of Velm{i} is {i * 7} metres tall." for i in range(12))
 
 
-def test_generator_round_trips_through_peft(tiny_d2l, tiny_base, tiny_base_dir, tmp_path):
-    generator = DocToLoRAGenerator(tiny_d2l, tiny_base)
+@pytest.mark.parametrize("max_rank", [None, 6])  # the checkpoint's cap (64, above this rank), and a real cut
+def test_generator_round_trips_through_peft(tiny_d2l, tiny_base, tiny_base_dir, tmp_path, max_rank):
+    generator = DocToLoRAGenerator(tiny_d2l, tiny_base, max_rank)
     chunks = len(chunk_ids(tiny_base.tokenizer, LONG_DOC, D2L_CHUNK))
     assert chunks >= 3
     adapter = generator.generate(LONG_DOC)
-    rank = generator.spec.r * (chunks + 1)
+    rank = generator.spec.r * (chunks + 1) if max_rank is None else max_rank
     assert adapter[(0, "down_proj")][0].shape[0] == rank
     out = generator.save(LONG_DOC, tmp_path / "adapter", str(tiny_base_dir))
 

@@ -385,3 +385,38 @@ def test_packed_decoder_matches_pytorch_in_every_mode(grid_decoder, grid_base_di
     diff = _max_diff(merged.logits(ids, prefill=len(prompt)), want)
     print(f"packed base with a merged adapter vs PEFT: max abs diff {diff:.2e}")
     assert diff < TOL
+
+
+def test_int8_activations_are_opt_in_fast_and_close(grid_decoder, grid_base_dir, prompt):
+    """`int8_activations` packs the same linears with MatMulNBits accuracy_level 4 (lossy); the default stays exact."""
+    assert not grid_decoder.int8_activations  # exact is the default
+    graph = onnx.load(str(grid_decoder.path)).graph
+    onnx_session.pack_linears(graph, {}, accuracy_level=onnx_session.INT8_ACCURACY)
+    levels = {
+        onnx.helper.get_attribute_value(a)
+        for node in graph.node
+        if node.op_type == "MatMulNBits"
+        for a in node.attribute
+        if a.name == "accuracy_level"
+    }
+    assert levels == {onnx_session.INT8_ACCURACY}
+
+    fast = OnnxDecoder(grid_decoder.path, intra_op_threads=1, int8_activations=True)
+    assert fast.int8_activations and fast.packed == grid_decoder.packed
+    ids = prompt + EXTRA
+    want = _reference_logits(grid_base_dir, None, ids)
+    exact_diff = _max_diff(grid_decoder.logits(ids, prefill=len(prompt)), want)
+    got = fast.logits(ids, prefill=len(prompt))
+    diff = _max_diff(got, want)
+    scale = float(np.abs(want).max())
+    print(f"\nint8 activations vs PyTorch: max abs diff {diff:.2e} (exact {exact_diff:.2e}, largest logit {scale:.2f})")
+    assert exact_diff < TOL < diff  # the fast mode really runs int8: it is not the exact function
+    assert diff < 0.05 * scale  # but it stays close: a few percent of the logits' range at most
+    agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+    assert agree >= 0.75, agree
+
+    # Merged sessions keep the mode; the base decoder's default is untouched.
+    out, k = fast._base_weights({"q_proj"})[onnx_io.weight_name(0, "q_proj")].shape
+    adapter = {(0, "q_proj"): (np.full((1, k), 0.01, np.float32), np.full((out, 1), 0.01, np.float32))}
+    merged = fast.merged(adapter, SPEC_B)
+    assert merged.int8_activations and not grid_decoder.merged(adapter, SPEC_B).int8_activations

@@ -823,3 +823,16 @@ def test_the_serving_path_imports_no_torch(coordinator, start_worker, connect, w
     )
     assert result.returncode == 0, result.stderr
     print(f"\nworker serving the tiny model without torch: {result.stdout.strip()}")
+
+
+def test_int8_activations_is_opt_in_and_reaches_the_decoder(start_worker):
+    """`worker serve --int8-activations` -> WorkerConfig -> OnnxDecoder (and its merged sessions); off by default."""
+    serve = ["worker", "serve", "--model", "m"]
+    assert not cli.parser().parse_args(serve).int8_activations
+    assert cli.parser().parse_args([*serve, "--int8-activations"]).int8_activations
+    assert not start_worker().servicer.decoder.int8_activations
+    decoder = start_worker(int8_activations=True).servicer.decoder
+    assert decoder.int8_activations
+    out, k = decoder._base_weights({"q_proj"})[onnx_io.weight_name(0, "q_proj")].shape
+    adapter = {(0, "q_proj"): (np.zeros((1, k), np.float32), np.zeros((out, 1), np.float32))}
+    assert decoder.merged(adapter, LoraSpec(("q_proj",), r=1, alpha=1.0)).int8_activations

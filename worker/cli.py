@@ -55,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         max_concurrent=args.max_concurrent,
         intra_op_threads=args.threads,
+        int8_activations=args.int8_activations,
         security=security,
     )
     try:
@@ -119,6 +120,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens a request may ask for")
     s.add_argument("--max-concurrent", type=int, default=2, help="generations in flight; more get RESOURCE_EXHAUSTED")
     s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per run (0: one per core)")
+    s.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="LOSSY, faster decoding: the 4-bit linears quantize their activations to int8 (MatMulNBits "
+        "accuracy_level 4). Measured on smollm2: perplexity +0.66%%, 96%% of next-token argmaxes and 15%% of "
+        "128-token greedy tokens same as exact (first divergence ~10-30 tokens). Default: exact float32 activations",
+    )
     s.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     s.add_argument("--tls-key", help="the certificate's private key (PEM)")
     s.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS)")

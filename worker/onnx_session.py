@@ -26,6 +26,11 @@ the same input (q, k, v; gate, up) run as one MatMulNBits and a Split: fewer, la
 base model is de-quantized from a Q4_1/Q8_0 GGUF, so every one of its linears lies on such a grid and the
 packed graph computes the same function (only the float summation order changes); weights that are not on a
 grid (any other model, a merged adapter) stay float32.
+
+Opt-in int8 activations (`OnnxDecoder(int8_activations=True)`, `worker serve --int8-activations`): the same
+packed linears run with MatMulNBits' accuracy_level 4, which quantizes each activation block to int8 and
+accumulates in integers: about 2x faster per matmul on the CPU, but LOSSY (logits move by far more than the
+exact mode's 1e-3; bench/bench_worker_decode.py measures the perplexity and greedy-token cost). Off by default.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ def merge_weights(weights: Mapping[str, np.ndarray], adapter: Adapter, spec: Lor
 
 
 BLOCK = 32  # MatMulNBits block along the input dimension: the block of GGUF's Q4_1 and Q8_0
+EXACT_ACCURACY = 1  # MatMulNBits accuracy_level: float32 activations and accumulation (exact)
+INT8_ACCURACY = 4  # MatMulNBits accuracy_level: int8-quantized activations, integer accumulation (faster, lossy)
 EXACT = 1e-6  # a weight is on a grid when re-quantizing it moves no value by more than this times its largest
 MS_DOMAIN = "com.microsoft"
 
@@ -144,7 +151,10 @@ def _structure(form: PackedLinear) -> tuple:
 
 
 def pack_linears(
-    graph: onnx.GraphProto, cache: MutableMapping[str, PackedLinear | None], skip: frozenset[str] = frozenset()
+    graph: onnx.GraphProto,
+    cache: MutableMapping[str, PackedLinear | None],
+    skip: frozenset[str] = frozenset(),
+    accuracy_level: int = EXACT_ACCURACY,
 ) -> list[str]:
     """Rewrite, in place, every Gemm x W^T on an initializer W that lies on a block grid as MatMulNBits nodes.
 
@@ -152,7 +162,8 @@ def pack_linears(
     (overridden at session creation) stay float32 Gemms. Linears of the same input x with the same kind of grid
     (q, k and v; gate and up) run as one MatMulNBits on their weights stacked along the output, then a Split:
     one larger kernel call instead of several (a decoding step is bound by per-call costs, not arithmetic).
-    Returns the names of the packed weights.
+    `accuracy_level` is MatMulNBits' (EXACT_ACCURACY: float32 activations; INT8_ACCURACY: int8 activations,
+    faster and lossy). Returns the names of the packed weights.
     """
     weights = {t.name: t for t in graph.initializer}
     constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
@@ -180,7 +191,7 @@ def pack_linears(
     for index, node in enumerate(graph.node):
         if index in first:
             linears = [graph.node[i] for i in first[index]]
-            nodes += _packed_nodes(linears, weights, cache, block_sums, new)
+            nodes += _packed_nodes(linears, weights, cache, block_sums, new, accuracy_level)
         elif index not in packed_nodes:
             nodes.append(node)
     used = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
@@ -199,6 +210,7 @@ def _packed_nodes(
     cache: Mapping[str, PackedLinear | None],
     block_sums: dict[str, str],
     new: list[onnx.TensorProto],
+    accuracy_level: int = EXACT_ACCURACY,
 ) -> list[onnx.NodeProto]:
     """The nodes computing the outputs of `linears` (Gemms of one input x, on weights of one `_structure`) from
     their packed forms stacked along the output; their new initializers are appended to `new`."""
@@ -219,7 +231,7 @@ def _packed_nodes(
         nodes.append(
             onnx.helper.make_node(
                 "MatMulNBits", inputs, [terms[-1]], domain=MS_DOMAIN, K=k, N=sum(outs), bits=4, block_size=BLOCK,
-                accuracy_level=1,  # float32 activations and accumulation: exact, unlike int8 (level 4)
+                accuracy_level=accuracy_level,  # 1: float32 activations (exact); 4: int8 activations (lossy)
             )
         )  # fmt: skip
     if forms[0].offsets is not None:
@@ -254,7 +266,9 @@ class OnnxDecoder:
 
     `initializers` overrides graph weights by name (what `merged` uses). `pack_weights` runs the linears that
     lie on a block grid as exact 4-bit MatMulNBits (see the module docstring; on the CPU provider only, where it
-    was measured; `packed` lists them). Runs may be issued from several threads; each `generate` keeps the
+    was measured; `packed` lists them). `int8_activations` (opt-in, lossy) runs those MatMulNBits with int8
+    activations (accuracy_level 4): faster, but the logits are no longer the float32 model's; it has no effect
+    without packing. Runs may be issued from several threads; each `generate` keeps the
     adapter that was set when it was called.
     """
 
@@ -267,6 +281,7 @@ class OnnxDecoder:
         initializers: Mapping[str, np.ndarray] | None = None,
         pack_weights: bool = True,
         packing_cache: MutableMapping[str, PackedLinear | None] | None = None,
+        int8_activations: bool = False,
     ) -> None:
         self.path = Path(model_path)
         self.intra_op_threads = intra_op_threads  # 0: ONNX Runtime's default (one per physical core)
@@ -281,11 +296,13 @@ class OnnxDecoder:
         # pack_linear's results, shared with the decoders `merged` makes: the grid search runs once per weight.
         self._packing = {} if packing_cache is None else packing_cache
         self.pack_weights = pack_weights
+        self.int8_activations = int8_activations
         self.packed: tuple[str, ...] = ()
         source: str | bytes = str(self.path)
         if pack_weights and providers[0] == CPU:
             model = onnx.load(str(self.path))
-            packed = pack_linears(model.graph, self._packing, frozenset(self._overrides))
+            level = INT8_ACCURACY if int8_activations else EXACT_ACCURACY
+            packed = pack_linears(model.graph, self._packing, frozenset(self._overrides), level)
             if packed and model.ByteSize() < onnx_io.MAX_INLINE_BYTES:  # a larger one cannot be passed as bytes
                 if not any(o.domain == MS_DOMAIN for o in model.opset_import):
                     model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
@@ -379,6 +396,7 @@ class OnnxDecoder:
             initializers=merge_weights(weights, adapter, spec),
             pack_weights=self.pack_weights,
             packing_cache=self._packing,
+            int8_activations=self.int8_activations,
         )
         decoder.merged_spec = spec
         return decoder

@@ -77,6 +77,7 @@ class WorkerConfig:
     merged_sessions: int = 1  # merged-adapter sessions kept (each holds a copy of the model's weights)
     dtype: int = pb.FLOAT16  # of the adapters fetched
     intra_op_threads: int = 0  # ONNX Runtime threads per run; 0: one per physical core
+    int8_activations: bool = False  # opt-in, lossy: 4-bit linears with int8 activations (see worker.onnx_session)
     coordinator_timeout: float = 120.0  # seconds, for one coordinator call (generation or transfer)
     security: ServerSecurity = field(default_factory=ServerSecurity)
 
@@ -406,7 +407,11 @@ def start(config: WorkerConfig) -> RunningWorker:
     config.security.credentials()  # unreadable certificates fail now, not after the model has loaded
     channel = open_channel(config.coordinator, config.coordinator_security) if config.coordinator else None
     model_dir = model_cache.check_exported(config.model_dir) if config.model_dir else model_cache.prepare(config.base)
-    decoder = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=config.intra_op_threads)
+    decoder = OnnxDecoder(
+        model_dir / model_cache.MODEL_FILE,
+        intra_op_threads=config.intra_op_threads,
+        int8_activations=config.int8_activations,
+    )
     if not decoder.fingerprint:
         raise ConfigError(f"{model_dir} records no base model fingerprint: export it again with `--base`")
     tokenizer = ChatTokenizer(model_dir)
