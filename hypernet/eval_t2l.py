@@ -37,10 +37,13 @@ def normalize(text: str) -> str:
 
 
 def score(prediction: str, references: tuple[str, ...]) -> dict[str, float]:
-    """ROUGE-L F1 and exact match (after normalization), best over the gold answers, in percent."""
+    """ROUGE-L F1, exact match and answer-contained (a gold answer occurs in the prediction, as whole words),
+    after normalization, best over the gold answers, in percent."""
     rouge = max(_SCORER.score(ref, prediction)["rougeL"].fmeasure for ref in references)
-    exact = max(float(normalize(prediction) == normalize(ref)) for ref in references)
-    return {"rougeL": 100 * rouge, "exact": 100 * exact}
+    pred = normalize(prediction)
+    exact = max(float(pred == normalize(ref)) for ref in references)
+    contained = max(float(bool(normalize(ref)) and f" {normalize(ref)} " in f" {pred} ") for ref in references)
+    return {"rougeL": 100 * rouge, "exact": 100 * exact, "contained": 100 * contained}
 
 
 def evaluate(

@@ -32,14 +32,17 @@ from typing import Protocol
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from hypernet import checkpoint
+from hypernet import checkpoint, d2l_data
 from hypernet.d2l import D2LConfig, DocToLoRA, chunk_ids, encode, pad_chunks
 from hypernet.sni_data import chat_prompt, collate, user_turn
 from hypernet.train_t2l import answer_logits, lr_at
 from loracast import base_model
 from loracast.base_model import BaseModel
 from loracast.lora import LoraSpec, inject, set_adapter, targets_of
+
+Example = tuple[list[int], list[int]]  # token ids, labels (-100 where no loss)
 
 TEACHER_FORMAT = 1  # part of every cache key: bump when what the teacher computes changes
 
@@ -163,6 +166,17 @@ class TeacherCache:
         return targets
 
 
+def student_rows(tok: PreTrainedTokenizerBase, document: DocumentLike, targets: Sequence[Target]) -> list[Example]:
+    """The student's side of a document: per question, the question alone in the user turn, teacher-forced
+    on the teacher's answer, as (token ids, labels) with the prompt masked out."""
+    rows = []
+    for qa, t in zip(document.qas, targets, strict=True):
+        prompt = tok(chat_prompt(tok, qa.question), add_special_tokens=False)["input_ids"]
+        answer = t.answer_ids.tolist()
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    return rows
+
+
 def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
     """Mean over answer tokens of KL(teacher top-k, renormalized || student): see the module docstring."""
     log_q = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, topk_ids)
@@ -188,18 +202,9 @@ def build_model(spec: LoraSpec, model: torch.nn.Module, args: TrainArgs) -> DocT
 
 
 def training_documents(args: TrainArgs, count_tokens: Callable[[str], int]) -> list[DocumentLike]:
-    from hypernet import d2l_data  # written alongside; only training needs it
-
-    rng = random.Random(args.seed)
     docs: list[DocumentLike] = list(d2l_data.fictional_documents(args.fictional, args.seed))
     parts = d2l_data.fictional_documents(args.composites * args.composite_size, args.seed + 1)
-    for i in range(args.composites):
-        group = parts[i * args.composite_size : (i + 1) * args.composite_size]
-        text = "\n\n".join(d.text for d in group)
-        qas = [qa for d in group for qa in d.qas]
-        qas = tuple(rng.sample(qas, min(args.composite_questions, len(qas))))
-        doc_id = hashlib.sha256(text.encode()).hexdigest()[:16]
-        docs.append(d2l_data.Document(text, qas, "fictional", doc_id, source="composite"))
+    docs += d2l_data.composite_documents(parts, args.composite_size, args.composite_questions, args.seed)
     docs += d2l_data.rc_documents(args.data_dir, "train", args.seed)
     for chunks in args.needle_chunks:
         docs += d2l_data.needle_documents(args.needles, args.seed, chunks * args.chunk_tokens, count_tokens)
@@ -237,14 +242,7 @@ def train(args: TrainArgs, documents: Sequence[DocumentLike] | None = None) -> d
     cfg = hyper.cfg
     doc_chunks = [chunk_ids(tok, d.text, cfg.chunk_tokens) for d in documents]
     # Student examples: the question alone in the user turn, teacher-forced on the teacher's answer.
-    students = []
-    for doc, doc_targets in zip(documents, targets, strict=True):
-        rows = []
-        for qa, t in zip(doc.qas, doc_targets, strict=True):
-            prompt = tok(chat_prompt(tok, qa.question), add_special_tokens=False)["input_ids"]
-            answer = t.answer_ids.tolist()
-            rows.append((prompt + answer, [-100] * len(prompt) + answer))
-        students.append(rows)
+    students = [student_rows(tok, doc, doc_targets) for doc, doc_targets in zip(documents, targets, strict=True)]
     pad_id = tok.pad_token_id or 0
     opt = torch.optim.AdamW(hyper.parameters(), lr=args.lr, weight_decay=0.01)
 

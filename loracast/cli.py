@@ -109,16 +109,33 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from hypernet import checkpoint
-    from hypernet.eval_t2l import evaluate, table, write_json
 
-    result = evaluate(
-        _data_dir(args.data),
-        split=args.split,
-        limit=args.limit,
-        t2l_path=Path(args.checkpoint or checkpoint.DEFAULT_T2L),
-        mtl_path=Path(args.mtl or checkpoint.DEFAULT_MTL),
-        base_name=args.base,
-    )
+    if args.what == "d2l":
+        from hypernet.eval_d2l import EvalArgs, evaluate, table, write_json
+
+        eargs = EvalArgs(
+            data_dir=_data_dir(args.data),
+            d2l_path=Path(args.checkpoint or checkpoint.DEFAULT_D2L),
+            base=args.base,
+            fictional=args.documents,
+            passages=args.passages,
+            needles=args.needles,
+            cd_steps=args.cd_steps,
+            threads=args.threads,
+            sets=tuple(args.sets.split(",")),
+        )
+        result = evaluate(eargs)
+    else:
+        from hypernet.eval_t2l import evaluate, table, write_json
+
+        result = evaluate(
+            _data_dir(args.data),
+            split=args.split,
+            limit=args.limit,
+            t2l_path=Path(args.checkpoint or checkpoint.DEFAULT_T2L),
+            mtl_path=Path(args.mtl or checkpoint.DEFAULT_MTL),
+            base_name=args.base,
+        )
     print(table(result))
     if args.json:
         write_json(result, Path(args.json))
@@ -261,15 +278,21 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.set_defaults(func=cmd_train, uses_transformers=True)
 
-    e = sub.add_parser("eval", help="evaluate on unseen tasks; prints a table, writes JSON")
-    e.add_argument("what", choices=["t2l"])
+    e = sub.add_parser("eval", help="evaluate on held-out data; prints a table, writes JSON")
+    e.add_argument("what", choices=["t2l", "d2l"], help="t2l: unseen SNI tasks; d2l: held-out documents")
     e.add_argument("--data", help="data directory (default: ../shared/data)")
-    e.add_argument("--split", default="dev")
-    e.add_argument("--limit", type=int, default=25, help="instances per task")
     e.add_argument("--json", help="write the full result here")
-    e.add_argument("--checkpoint", help="T2L checkpoint (default: shipped)")
-    e.add_argument("--mtl", help="multi-task LoRA checkpoint (default: shipped)")
+    e.add_argument("--checkpoint", help="T2L or D2L checkpoint (default: shipped)")
     e.add_argument("--base", default=DEFAULT_BASE)
+    e.add_argument("--split", default="dev", help="t2l: SNI split")
+    e.add_argument("--limit", type=int, default=25, help="t2l: instances per task")
+    e.add_argument("--mtl", help="t2l: multi-task LoRA checkpoint (default: shipped)")
+    e.add_argument("--documents", type=int, default=24, help="d2l: held-out fictional documents")
+    e.add_argument("--passages", type=int, default=60, help="d2l: held-out reading-comprehension passages")
+    e.add_argument("--needles", type=int, default=10, help="d2l: needle documents per length")
+    e.add_argument("--cd-steps", type=int, default=32, help="d2l: context distillation steps per document")
+    e.add_argument("--sets", default="fictional,passages,needle,speed", help="d2l: which parts to run")
+    e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     e.set_defaults(func=cmd_eval, uses_transformers=True)
 
     b = sub.add_parser("data", help="rebuild sni/train and sni/dev from a clone of allenai/natural-instructions")

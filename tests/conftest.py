@@ -155,3 +155,38 @@ def tiny_d2l(tmp_path_factory: pytest.TempPathFactory, tiny_base_dir: Path) -> P
             hyper.bias_B[m].normal_(0, 0.05)
     checkpoint.save(args.out, hyper, {k: v for k, v in meta.items() if k not in ("config", "kind")})
     return args.out
+
+
+def _rc_task(name: str, rows: list[tuple[str, str, str]]) -> dict:
+    instances = [
+        {"passage": p, "question": q, "input": f"Context: {p} Question: {q}", "output": a, "all_outputs": [a]}
+        for p, q, a in rows
+    ]
+    return {"task": name, "definition": "Answer the question.", "instances": instances}
+
+
+def write_rc_fixture(root: Path) -> Path:
+    """A tiny rc/train: bAbI-like growing story prefixes, QA-SRL with alternative answers, and a skipped WIQA task."""
+    from hypernet import d2l_data
+
+    folder = root / d2l_data.RC_FOLDER
+    folder.mkdir(parents=True)
+    people, places = ["Mary", "John", "Sandra", "Daniel"], ["kitchen", "garden", "office", "hallway", "bedroom"]
+    babi = []
+    for story in range(20):  # growing prefixes of one story, as bAbI comes
+        moves = [f"{people[(story + i) % 4]} went to the {places[(story * 3 + i) % 5]} {story}." for i in range(4)]
+        for end in (2, 4):
+            babi.append((" ".join(moves[:end]), f"Where is {people[story % 4]}?", places[(story * 3) % 5]))
+    srl = [
+        (f"The album number {i} is named after a pseudoscience .", "what is  named?", "The album ### album")
+        for i in range(8)
+    ]
+    srl += [(srl[0][0], "what is it named after?", "a pseudoscience")]
+    files = {
+        "task083_babi.json": _rc_task("task083_babi", babi),
+        "task1520_qa_srl.json": _rc_task("task1520_qa_srl", srl),
+        "task1727_wiqa.json": _rc_task("task1727_wiqa_what_is_the_effect", [("A process.", "Effect?", "none")]),
+    }
+    for name, task in files.items():
+        (folder / name).write_text(json.dumps(task))
+    return root

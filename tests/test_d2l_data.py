@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import write_rc_fixture
 
 from hypernet.d2l_data import (
     RC_FOLDER,
@@ -102,38 +103,6 @@ def test_needle_documents_are_deterministic_and_check_their_length():
     assert docs != needle_documents(3, seed=2, target_tokens=512, count_tokens=words)
     with pytest.raises(ValueError, match="cannot build a haystack"):
         needle_documents(1, seed=1, target_tokens=5, count_tokens=words)
-
-
-def _rc_task(name: str, rows: list[tuple[str, str, str]]) -> dict:
-    instances = [
-        {"passage": p, "question": q, "input": f"Context: {p} Question: {q}", "output": a, "all_outputs": [a]}
-        for p, q, a in rows
-    ]
-    return {"task": name, "definition": "Answer the question.", "instances": instances}
-
-
-def write_rc_fixture(root: Path) -> Path:
-    folder = root / RC_FOLDER
-    folder.mkdir(parents=True)
-    people, places = ["Mary", "John", "Sandra", "Daniel"], ["kitchen", "garden", "office", "hallway", "bedroom"]
-    babi = []
-    for story in range(20):  # growing prefixes of one story, as bAbI comes
-        moves = [f"{people[(story + i) % 4]} went to the {places[(story * 3 + i) % 5]} {story}." for i in range(4)]
-        for end in (2, 4):
-            babi.append((" ".join(moves[:end]), f"Where is {people[story % 4]}?", places[(story * 3) % 5]))
-    srl = [
-        (f"The album number {i} is named after a pseudoscience .", "what is  named?", "The album ### album")
-        for i in range(8)
-    ]
-    srl += [(srl[0][0], "what is it named after?", "a pseudoscience")]
-    files = {
-        "task083_babi.json": _rc_task("task083_babi", babi),
-        "task1520_qa_srl.json": _rc_task("task1520_qa_srl", srl),
-        "task1727_wiqa.json": _rc_task("task1727_wiqa_what_is_the_effect", [("A process.", "Effect?", "none")]),
-    }
-    for name, task in files.items():
-        (folder / name).write_text(json.dumps(task))
-    return root
 
 
 def rc_dirs() -> list[Path | None]:

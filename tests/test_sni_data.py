@@ -46,6 +46,9 @@ def test_load_tasks_reads_the_fixture_and_rejects_broken_files(tiny_data_dir, tm
 
 
 def test_scores_take_the_best_gold_answer():
-    assert score("Positive.", ("negative", "positive")) == {"rougeL": 100.0, "exact": 100.0}
+    assert score("Positive.", ("negative", "positive")) == {"rougeL": 100.0, "exact": 100.0, "contained": 100.0}
     partial = score("the answer is positive", ("positive",))
-    assert partial["exact"] == 0.0 and 0 < partial["rougeL"] < 100
+    assert partial["exact"] == 0.0 and 0 < partial["rougeL"] < 100 and partial["contained"] == 100.0
+    # Contained means whole words: "12" is not in "1234", and an empty gold answer never counts.
+    assert score("It was 1234.", ("12",))["contained"] == 0.0
+    assert score("anything", ("",))["contained"] == 0.0
