@@ -32,9 +32,11 @@ bench: setup
 	$(BIN)/python bench/bench_t2l_generate.py
 	$(BIN)/python bench/bench_worker_decode.py
 	$(BIN)/python bench/bench_delivery.py
+	$(BIN)/python bench/bench_d2l_answering.py
 
 eval: setup
 	$(BIN)/loracast eval t2l --json bench/results/eval_t2l.json
+	$(BIN)/loracast eval d2l --json bench/results/eval_d2l.json
 
 # Regenerate loracast/v1 from protos/ (tests/test_protos.py fails when the committed code is stale).
 protos: setup

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,12 @@ EXACT_ACCURACY = 1  # MatMulNBits accuracy_level: float32 activations and accumu
 INT8_ACCURACY = 4  # MatMulNBits accuracy_level: int8-quantized activations, integer accumulation (faster, lossy)
 EXACT = 1e-6  # a weight is on a grid when re-quantizing it moves no value by more than this times its largest
 MS_DOMAIN = "com.microsoft"
+
+
+def read_weights(model_path: Path, names: Set[str]) -> dict[str, np.ndarray]:
+    """These initializers of an ONNX file, as arrays: what merging starts from, without a session."""
+    graph = onnx.load(str(model_path)).graph
+    return {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in names}
 
 
 @dataclass(frozen=True)
@@ -382,8 +388,7 @@ class OnnxDecoder:
         """The base weights (out, in) of these modules in every layer, read from the ONNX file once."""
         names = {onnx_io.weight_name(i, m) for i in range(self.num_layers) for m in modules}
         if missing := names - self._weights.keys():
-            graph = onnx.load(str(self.path)).graph
-            self._weights.update({t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name in missing})
+            self._weights.update(read_weights(self.path, missing))
         return self._weights
 
     def merged(self, adapter: Adapter, spec: LoraSpec) -> OnnxDecoder:
