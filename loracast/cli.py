@@ -120,6 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             fictional=args.documents,
             passages=args.passages,
             needles=args.needles,
+            speed_documents=args.speed_documents,
             cd_steps=args.cd_steps,
             threads=args.threads,
             sets=tuple(args.sets.split(",")),
@@ -290,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--documents", type=int, default=24, help="d2l: held-out fictional documents")
     e.add_argument("--passages", type=int, default=60, help="d2l: held-out reading-comprehension passages")
     e.add_argument("--needles", type=int, default=10, help="d2l: needle documents per length")
+    e.add_argument("--speed-documents", type=int, default=6, help="d2l: ~512-token documents timed against CD")
     e.add_argument("--cd-steps", type=int, default=32, help="d2l: context distillation steps per document")
     e.add_argument("--sets", default="fictional,passages,needle,speed", help="d2l: which parts to run")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

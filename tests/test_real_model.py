@@ -1,4 +1,4 @@
-"""End to end on the real SmolLM2-135M-Instruct and the shipped T2L checkpoint."""
+"""End to end on the real SmolLM2-135M-Instruct and the shipped T2L and D2L checkpoints."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from hypernet import d2l_data
 from hypernet.answering import answer
-from hypernet.generate import TextToLoRAGenerator
+from hypernet.generate import DocToLoRAGenerator, TextToLoRAGenerator
+from hypernet.sni_data import chat_prompt, collate
+from hypernet.train_t2l import answer_loss
 from loracast import adapter_format, base_model
 from loracast.lora import applied, inject, to_torch
 
@@ -40,3 +43,33 @@ def test_shipped_t2l_adapter_loads_in_peft_and_changes_the_answer(real_base, tmp
     review = "Best headphones I have ever owned, the sound is crisp."
     reply = answer(real_base, wrappers, adapter, [review], max_new_tokens=8)[0]
     assert reply.strip(), "the adapted model answered nothing"
+
+
+def test_shipped_d2l_adapter_holds_facts_of_an_unseen_document(real_base, tmp_path):
+    """A held-out generated profile (no entity name of it was ever trained on): its adapter, loaded through PEFT
+    exactly as ours, makes the base model without the document likelier to give the document's answers."""
+    doc = d2l_data.fictional_documents(1, seed=11, part="heldout")[0]
+    generator = DocToLoRAGenerator(base=real_base)
+    out = generator.save(doc.text, tmp_path / "profile")
+    stored, spec, meta = adapter_format.load(out, expected_fingerprint=real_base.fingerprint)
+    assert meta["loracast.document_sha256"] and doc.text not in (out / "adapter_config.json").read_text()
+    adapter = to_torch(stored)
+
+    tok = real_base.tokenizer
+    rows = []
+    for qa in doc.qas:
+        prompt = tok(chat_prompt(tok, qa.question), add_special_tokens=False)["input_ids"]
+        answer_ids = tok(qa.answer, add_special_tokens=False)["input_ids"]
+        rows.append((prompt + answer_ids, [-100] * len(prompt) + answer_ids))
+    batch = collate(rows, tok.pad_token_id or 0)
+    wrappers = inject(real_base.model, spec)
+    with torch.no_grad():
+        with applied(wrappers, adapter):
+            adapted = answer_loss(real_base.model, batch).item()
+            ours = real_base.model(batch["input_ids"][:1]).logits
+        plain = answer_loss(real_base.model, batch).item()
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model.resolve()), out)
+        theirs = peft_model.eval()(batch["input_ids"][:1]).logits
+    assert (ours - theirs).abs().max().item() < 1e-3
+    print(f"gold-answer loss without the document: base {plain:.3f}, D2L adapter {adapted:.3f}")
+    assert adapted < plain - 0.1
