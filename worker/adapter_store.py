@@ -8,12 +8,15 @@ Layout under the cache directory:
     sources.json            description / document SHA-256 -> adapter id, from the coordinator's earlier answers
 
 A payload is verified (size, SHA-256, and the content id for float32) with `adapter_wire.decode` before it is
-moved into `adapters/` with one rename, so a torn or corrupt transfer never becomes an adapter. Recency is the
-manifest file's mtime, so the LRU order survives a restart. Torch-free.
+moved into `adapters/` with one rename, so a torn or corrupt transfer never becomes an adapter. A full disk
+(ENOSPC, EDQUOT) ends the transfer with RESOURCE_EXHAUSTED and deletes what it had written: a half-written file
+cannot be completed in place, and its space is the first to give back. Recency is the manifest file's mtime, so
+the LRU order survives a restart. Torch-free.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -51,6 +54,7 @@ RETRYABLE = frozenset(
 
 # (adapter id, offset) -> a FetchAdapter response stream: the manifest, then data chunks from `offset`.
 ChunkSource = Callable[[str, int], Iterable[pb.AdapterChunk]]
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class StoreError(Exception):
@@ -91,11 +95,15 @@ def _short(adapter_id: str) -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_manifest(path: Path) -> pb.AdapterManifest:
@@ -157,6 +165,8 @@ class AdapterStore:
 
     def _reload(self) -> None:
         """Re-verify the installed adapters, keep resumable partials, drop everything else."""
+        for leftover in self.root.glob(f".{SOURCES}.tmp*"):  # a write of the index that a crash interrupted
+            leftover.unlink(missing_ok=True)
         for path in self._partial.iterdir():
             stem, _, ext = path.name.partition(".")
             if ext not in ("part", "manifest") or not self._resumable(stem):
@@ -237,7 +247,11 @@ class AdapterStore:
     def _save_sources(self) -> None:
         """Persist the source index, pruned to installed adapters (so it stays as small as the cache)."""
         self._sources = {k: v for k, v in self._sources.items() if v in self._entries or v in self._inflight}
-        _write_atomic(self.root / SOURCES, json.dumps(self._sources, sort_keys=True).encode())
+        try:
+            _write_atomic(self.root / SOURCES, json.dumps(self._sources, sort_keys=True).encode())
+        except OSError as exc:  # it only spares coordinator calls: a full disk must not fail a served request
+            message = f"worker: cannot save {self.root / SOURCES} ({exc.strerror}): the index stays in memory"
+            print(message, file=sys.stderr, flush=True)
 
     # -- installing -------------------------------------------------------------------------------------------
 
@@ -316,6 +330,20 @@ class AdapterStore:
         _write_atomic(self._partial / f"{adapter_id}.manifest", manifest.SerializeToString())
 
     def _fetch(self, adapter_id: str, source: ChunkSource, manifest: pb.AdapterManifest | None) -> Resident:
+        try:
+            return self._transfer(adapter_id, source, manifest)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            for leftover in (f"{adapter_id}.part", f"{adapter_id}.manifest", f"{adapter_id}.staging"):
+                _remove(self._partial / leftover)
+            raise StoreError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the worker's disk is full: adapter {_short(adapter_id)} cannot be stored in {self.root} "
+                f"({exc.strerror}); free space there or lower --capacity-mb",
+            ) from None
+
+    def _transfer(self, adapter_id: str, source: ChunkSource, manifest: pb.AdapterManifest | None) -> Resident:
         part = self._partial / f"{adapter_id}.part"
         stored = self._partial / f"{adapter_id}.manifest"
         if manifest is not None:
