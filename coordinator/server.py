@@ -37,6 +37,7 @@ from loracast.adapter_format import Adapter
 from loracast.adapter_wire import WireError
 from loracast.grpc_common import (
     ConfigError,
+    MalformedRequest,
     ServerSecurity,
     check_listen,
     create_server,
@@ -136,7 +137,7 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
         if exc.retry_after_ms:
             retry_later(context, exc.retry_after_ms, exc.message)
         context.abort(exc.code, exc.message)
-    if isinstance(exc, (InputError, WireError)):
+    if isinstance(exc, (InputError, WireError, MalformedRequest)):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, NotCached):
         context.abort(grpc.StatusCode.NOT_FOUND, f"no adapter {exc.args[0]} in this coordinator's cache")
@@ -376,6 +377,13 @@ def load_hypernets(config: CoordinatorConfig, t2l: Generator | None = None) -> t
     if t2l is None:
         t2l = TextToLoRAGenerator(config.t2l_checkpoint, base)
     nets = [Hypernet.of("t2l", t2l)]
+    if d2l and Path(config.d2l_checkpoint) == checkpoint.DEFAULT_D2L:
+        # The shipped checkpoint serves the default base only; with another base, documents are simply not
+        # served (a checkpoint named on the command line must fit, and fails the start otherwise).
+        trained_for = checkpoint.read_metadata(checkpoint.DEFAULT_D2L).get("base_fingerprint")
+        if trained_for != base.fingerprint:
+            print("the shipped Doc-to-LoRA checkpoint is for another base: documents are not served", file=sys.stderr)
+            d2l = False
     if d2l:
         nets.append(Hypernet.of("d2l", DocToLoRAGenerator(config.d2l_checkpoint, base)))
     return nets, t2l.fingerprint

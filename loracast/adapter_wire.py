@@ -141,10 +141,17 @@ def check_manifest(manifest: pb.AdapterManifest) -> None:
     if not math.isfinite(manifest.alpha):
         raise WireError("manifest alpha is not a finite number")
     itemsize, offset = _NUMPY[manifest.dtype].itemsize, 0
+    matrices: set[tuple[int, str, str]] = set()
     for entry in manifest.tensors:
         m = PEFT_KEY.fullmatch(entry.name)
         if m is None or m[2] not in manifest.target_modules:
             raise WireError(f"manifest tensor {entry.name[:120]!r} is not a LoRA matrix of a target module")
+        # Two entries for one matrix (a name repeated, or spelled "layers.00", or under the other block) would
+        # leave one entry's bytes unused by decode: the payload must be exactly the adapter.
+        matrix = (int(m[1]), m[2], m[3])
+        if matrix in matrices:
+            raise WireError(f"manifest lists the lora_{m[3]} matrix of layer {matrix[0]} {m[2]} twice")
+        matrices.add(matrix)
         if len(entry.shape) != 2 or entry.shape[0 if m[3] == "A" else 1] != manifest.rank:
             raise WireError(f"manifest tensor {entry.name} has shape {list(entry.shape)}, not rank {manifest.rank}")
         if entry.offset != offset or entry.nbytes != entry.shape[0] * entry.shape[1] * itemsize:

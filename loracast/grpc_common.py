@@ -18,6 +18,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
@@ -40,6 +41,18 @@ RPC_SECONDS = Histogram(
 
 class ConfigError(UserError, ValueError):
     """A server or client option that cannot work (a missing certificate, a key without a certificate)."""
+
+
+class MalformedRequest(ValueError):
+    """A request message that does not parse as its type; raised from a client stream's request iterator (a
+    servicer answers INVALID_ARGUMENT). A unary request that does not parse is refused before the servicer runs."""
+
+
+@dataclass(frozen=True)
+class _Unparsed:
+    """What a request that does not parse becomes: gRPC itself would answer INTERNAL, which the proto calls a bug."""
+
+    reason: str
 
 
 def _read(path: Path | None, what: str) -> bytes | None:
@@ -141,6 +154,7 @@ class _ServerInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = details.method.rsplit("/", 1)[-1]
+        handler = _parsed(handler, method)
         if self.tokens and not details.method.startswith(f"/{HEALTH_SERVICE}/"):
             sent = dict(details.invocation_metadata or ()).get("authorization", "")
             if not sent.startswith("Bearer "):
@@ -182,6 +196,44 @@ class _ServerInterceptor(grpc.ServerInterceptor):
         return _rebuild(handler, kind, unary)
 
 
+def _parsed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """The handler with requests that do not parse (bytes that are not protobuf, a string field that is not UTF-8)
+    refused with INVALID_ARGUMENT: a client's mistake, not the server's."""
+    deserialize = handler.request_deserializer
+    if deserialize is None:
+        return handler
+
+    def lenient(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Unparsed(f"the {method} request does not parse: {exc}")
+
+    kind = _kind(handler)
+    behavior = getattr(handler, kind)
+    if kind.startswith("unary_"):
+
+        def unary(request, context):
+            if isinstance(request, _Unparsed):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            return behavior(request, context)
+
+        checked = unary
+    else:
+
+        def parsed_stream(requests: Iterator) -> Iterator:
+            for request in requests:
+                if isinstance(request, _Unparsed):
+                    raise MalformedRequest(request.reason)
+                yield request
+
+        def stream(request_iterator, context):
+            return behavior(parsed_stream(request_iterator), context)
+
+        checked = stream
+    return _rebuild(handler, kind, checked, lenient)
+
+
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     def refuse(_request, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -196,9 +248,11 @@ def _kind(handler: grpc.RpcMethodHandler) -> str:
     raise ValueError("a gRPC handler with no behavior")
 
 
-def _rebuild(handler: grpc.RpcMethodHandler, kind: str, behavior: Callable) -> grpc.RpcMethodHandler:
+def _rebuild(
+    handler: grpc.RpcMethodHandler, kind: str, behavior: Callable, deserializer: Callable | None = None
+) -> grpc.RpcMethodHandler:
     make = getattr(grpc, f"{kind}_rpc_method_handler")
-    return make(behavior, handler.request_deserializer, handler.response_serializer)
+    return make(behavior, deserializer or handler.request_deserializer, handler.response_serializer)
 
 
 def create_server(component: str, security: ServerSecurity, max_workers: int = 16) -> grpc.Server:
