@@ -4,6 +4,7 @@ through Doc-to-LoRA, each with its shipped checkpoint by default."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -148,5 +149,8 @@ class DocToLoRAGenerator(HypernetGenerator):
 
     def generate(self, document: str) -> Adapter:
         """{(layer, module): (A (R, in), B (out, R))}, R = min(r x (chunks + 1 for the bias adapter), max_rank)."""
-        chunks = chunk_ids(self.base.tokenizer, check_document(document), self.hyper.cfg.chunk_tokens)
-        return internalize(self.hyper, self.base.model, chunks, self.max_rank)
+        chunks = iter(chunk_ids(self.base.tokenizer, check_document(document), self.hyper.cfg.chunk_tokens))
+        first = next(chunks, None)
+        if first is None:  # not blank, yet nothing the tokenizer reads (control characters only)
+            raise InputError("the document has no text the model can read: give UTF-8 text with words in it")
+        return internalize(self.hyper, self.base.model, itertools.chain([first], chunks), self.max_rank)

@@ -108,8 +108,10 @@ def load(path: Path, expected_fingerprint: str | None = None) -> tuple[dict, Lor
         with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
             metadata = dict(f.metadata() or {})
         raw = load_file(path / WEIGHTS_FILE)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, SafetensorError) as exc:
         raise AdapterError(f"{path}: corrupt adapter ({exc})") from exc
+    if spec.r < 1:
+        raise AdapterError(f"{path}: corrupt adapter (rank r={spec.r}, must be at least 1)")
     found = metadata.get(META_FINGERPRINT)
     if expected_fingerprint is not None and found != expected_fingerprint:
         raise AdapterError(
