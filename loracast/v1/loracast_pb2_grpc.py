@@ -340,7 +340,8 @@ class WorkerServicer:
         NOT_FOUND adapter_id neither resident nor known to the coordinator;
         FAILED_PRECONDITION the adapter was made for another base model, or fails its SHA-256 check;
         UNAVAILABLE the adapter is not resident and the coordinator cannot be reached;
-        RESOURCE_EXHAUSTED too many generations in flight (`retry-after-ms` trailing metadata).
+        RESOURCE_EXHAUSTED too many generations in flight (`retry-after-ms` trailing metadata), or the
+        worker's disk is full while storing the adapter (no `retry-after-ms`; nothing half-written is kept).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
