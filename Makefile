@@ -28,11 +28,10 @@ lint: setup
 test: lint
 	$(BIN)/pytest -q
 
+# llama.cpp (the decode baseline) is built from its sdist for this CPU the first time: a few minutes.
 bench: setup
-	$(BIN)/python bench/bench_t2l_generate.py
-	$(BIN)/python bench/bench_worker_decode.py
-	$(BIN)/python bench/bench_delivery.py
-	$(BIN)/python bench/bench_d2l_answering.py
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/loracast bench
 
 eval: setup
 	$(BIN)/loracast eval t2l --json bench/results/eval_t2l.json

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 from loracast.errors import UserError
@@ -141,6 +142,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         write_json(result, Path(args.json))
         print(f"wrote {args.json}")
+
+
+def bench_suite() -> types.ModuleType:
+    """bench/suite.py, which belongs to a source checkout rather than the installed package: found beside it."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "suite.py"
+    if not path.is_file():
+        raise UserError(f"no {path}: `loracast bench` runs from a clone of the repository (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("bench_suite", path)
+    suite = sys.modules["bench_suite"] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(suite)
+    return suite
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    suite = bench_suite()
+    skip = args.skip.split(",") if args.skip else []
+    code = suite.run(Path(args.json), args.only.split(",") if args.only else None, skip)
+    if code:
+        raise SystemExit(code)
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -296,6 +318,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--sets", default="fictional,passages,needle,speed", help="d2l: which parts to run")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     e.set_defaults(func=cmd_eval, uses_transformers=True)
+
+    r = sub.add_parser("bench", help="every benchmark on the real base model: ratios, markdown and plots (~1 h)")
+    r.add_argument("--json", default="bench/results/bench.json", help="the summary with the headline ratios")
+    r.add_argument("--only", help="comma-separated sections (t2l_vs_lora,d2l_vs_cd,answering,decode,...)")
+    r.add_argument("--skip", help="comma-separated sections to leave out")
+    r.set_defaults(func=cmd_bench)
 
     b = sub.add_parser("data", help="rebuild sni/train and sni/dev from a clone of allenai/natural-instructions")
     b.add_argument("action", choices=["build-sni"])

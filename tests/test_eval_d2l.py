@@ -51,7 +51,8 @@ def test_every_condition_needles_and_speed_are_measured(tmp_path, tiny_d2l, tiny
     assert [p["step"] for p in speed["cd_curve"]] == [1, 2, 4, 8]
     times = [p["train_s"] for p in speed["cd_curve"]]
     assert times == sorted(times) and times[0] > 0
-    assert speed["ratio_cd_over_d2l"] > 0
+    assert speed["ratio_cd_over_d2l"] > 0 and speed["cd_teacher_s_median"] > 0
+    assert speed["ratio_cd_with_teacher_over_d2l"] > speed["ratio_cd_over_d2l"]
     assert speed["ratio_is_lower_bound"] == (speed["cd_reached_at_step"] is None)
     text = table(result)
     assert "fictional (2 docs" in text and "| 64 |" in text and "context distillation reaches" in text
