@@ -15,14 +15,12 @@ against training seconds, D2L's time and score marked).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 
 from hypernet.eval_d2l import EvalArgs, Evaluator
 from hypernet.sni_data import default_data_dir
+from loracast.paths import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,14 +79,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_json(result: dict, path: Path) -> None:
-    """Atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, path)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from loracast.errors import UserError
+from loracast.paths import write_json
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -226,14 +227,6 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    """Atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2)
-    os.replace(f.name, path)
 
 
 def selected(only: list[str] | None, skip: list[str]) -> list[Section]:

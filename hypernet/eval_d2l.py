@@ -22,7 +22,6 @@ counted), alone and plus the teacher's generation, which (d) cannot do without.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -44,7 +43,7 @@ from hypernet.train_d2l import Target, run_teacher, student_rows, topk_kl
 from hypernet.train_t2l import answer_logits
 from loracast import base_model
 from loracast.base_model import BaseModel
-from loracast.lora import LoRALinear, LoraSpec, applied, inject
+from loracast.lora import LoRALinear, LoraSpec, inject, train_lora
 
 CONDITIONS = {
     "a": "base, no document",
@@ -87,33 +86,19 @@ def context_distill(
     lr: float,
     on_step: Callable[[int, float, Adapter], None] | None = None,
 ) -> tuple[Adapter, float]:
-    """Gradient-train one LoRA (spec's modules and rank; PEFT's init: A Kaiming, B zero) so the base model without
-    the document matches the teacher's top-k on the document's questions. Returns it and its training seconds.
-    `on_step(step, seconds_so_far, adapter)` runs after every step, outside the timing."""
-    torch.manual_seed(0)
-    lora: Adapter = {}
-    for key, lin in wrappers.items():
-        a = torch.empty(spec.r, lin.base.in_features)
-        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        lora[key] = (a.requires_grad_(), torch.zeros(lin.base.out_features, spec.r, requires_grad=True))
-    opt = torch.optim.Adam([t for pair in lora.values() for t in pair], lr=lr)
+    """Gradient-train one LoRA (spec's modules and rank) so the base model without the document matches the
+    teacher's top-k on the document's questions. Returns it and its training seconds. `on_step(step,
+    seconds_so_far, adapter)` runs after every step, outside the timing."""
     tok = base.tokenizer
     batch = collate(student_rows(tok, document, targets), tok.pad_token_id or 0)
     topk_ids = torch.cat([t.topk_ids for t in targets])
     topk_logprobs = torch.cat([t.topk_logprobs for t in targets])
-    seconds = 0.0
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        with applied(wrappers, lora):  # per step: `on_step` may apply adapters of its own in between
-            logits, _ = answer_logits(base.model, batch)
-        loss = topk_kl(logits, topk_ids, topk_logprobs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seconds += time.perf_counter() - t0
-        if on_step is not None:
-            on_step(step, seconds, {k: (a.detach(), b.detach()) for k, (a, b) in lora.items()})
-    return {k: (a.detach().clone(), b.detach().clone()) for k, (a, b) in lora.items()}, seconds
+
+    def loss(step: int) -> torch.Tensor:
+        logits, _ = answer_logits(base.model, batch)
+        return topk_kl(logits, topk_ids, topk_logprobs)
+
+    return train_lora(wrappers, spec.r, steps, lr, loss, on_step)
 
 
 class Evaluator:
@@ -361,7 +346,3 @@ def table(result: dict) -> str:
             f"({s['ratio_cd_with_teacher_over_d2l']:.0f}x with its teacher's {s['cd_teacher_s_median']:.1f} s)."
         )
     return "\n".join(out)
-
-
-def write_json(result: dict, path: Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2))

@@ -7,7 +7,6 @@ Five conditions on every task of the split, same instances, greedy decoding:
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from pathlib import Path
@@ -108,7 +107,3 @@ def table(result: dict) -> str:
         cells = [f"{t[c]['rougeL']:.1f} / {t[c]['exact']:.0f}" for c in CONDITIONS]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n\nCells: ROUGE-L F1 / exact match, percent."
-
-
-def write_json(result: dict, path: Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2))

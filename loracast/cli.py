@@ -17,7 +17,7 @@ import types
 from pathlib import Path
 
 from loracast.errors import UserError
-from loracast.paths import DEFAULT_BASE
+from loracast.paths import DEFAULT_BASE, write_json
 
 DEMO_TASKS = [
     (
@@ -112,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from hypernet import checkpoint
 
     if args.what == "d2l":
-        from hypernet.eval_d2l import EvalArgs, evaluate, table, write_json
+        from hypernet.eval_d2l import EvalArgs, evaluate, table
 
         eargs = EvalArgs(
             data_dir=_data_dir(args.data),
@@ -128,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
         result = evaluate(eargs)
     else:
-        from hypernet.eval_t2l import evaluate, table, write_json
+        from hypernet.eval_t2l import evaluate, table
 
         result = evaluate(
             _data_dir(args.data),

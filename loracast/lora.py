@@ -7,7 +7,9 @@ hypernetwork can generate a different adapter for every example of a batch and t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -86,3 +88,41 @@ def applied(
         yield
     finally:
         set_adapter(wrappers, None)
+
+
+TorchAdapter = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def train_lora(
+    wrappers: Mapping[tuple[int, str], LoRALinear],
+    r: int,
+    steps: int,
+    lr: float,
+    loss: Callable[[int], torch.Tensor],
+    on_step: Callable[[int, float, TorchAdapter], bool | None] | None = None,
+    seed: int = 0,
+) -> tuple[TorchAdapter, float]:
+    """Gradient-train one ordinary LoRA of rank `r` on the wrapped modules (PEFT's init: A Kaiming-uniform, B
+    zero, so step 0 is the base model) with Adam: `loss(step)` runs with it applied. Returns it and the training
+    seconds. `on_step(step, seconds_so_far, adapter)` runs after each step, outside the timing (it may apply
+    adapters of its own), and ends training early by returning True. The baselines hypernetworks are measured
+    against: per-task LoRA training and per-document context distillation."""
+    torch.manual_seed(seed)
+    lora: TorchAdapter = {}
+    for key, lin in wrappers.items():
+        a = torch.empty(r, lin.base.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        lora[key] = (a.requires_grad_(), torch.zeros(lin.base.out_features, r, requires_grad=True))
+    opt = torch.optim.Adam([t for pair in lora.values() for t in pair], lr=lr)
+    seconds = 0.0
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        with applied(wrappers, lora):
+            value = loss(step)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        seconds += time.perf_counter() - start
+        if on_step is not None and on_step(step, seconds, {k: (a.detach(), b.detach()) for k, (a, b) in lora.items()}):
+            break
+    return {k: (a.detach().clone(), b.detach().clone()) for k, (a, b) in lora.items()}, seconds
