@@ -194,7 +194,7 @@ def markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
     for name, s in summary["sections"].items():
         lines.append(
             f"| {name} | {'yes' if s['ok'] else '**failed**'} | {s['wall_s'] / 60:.1f} | `python {s['command']}` | "
-            f"[{name}.json]({SECTION_FILES[name]}) |"
+            f"[{SECTION_FILES[name]}]({SECTION_FILES[name]}) |"
         )
     load = runs.get("load", {}).get("result")
     if load:
