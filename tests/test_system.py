@@ -329,6 +329,14 @@ def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
     def scraped_after(moment: float) -> None:
         _poll("both servers up and scraped", lambda: prometheus.scraped_since(moment, jobs), SCRAPE_S)
 
+    def round_one_scraped(tokens: int) -> bool:
+        counts = {
+            "sum(loracast_generated_tokens_total)": tokens,
+            "sum(loracast_adapter_generation_seconds_count)": 1,
+            'sum(loracast_rpc_total{component="worker",code="INVALID_ARGUMENT"})': 1,
+        }
+        return all(_series_with_values(prometheus, expr) == [value] for expr, value in counts.items())
+
     # Asks in two rounds with a scrape between them, so that the series the first round created grow in the
     # second: rates and quantiles then have real values, not just series. Each round sends one bad request.
     refusals = []
@@ -338,7 +346,8 @@ def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
         with pytest.raises(EdgeError) as refused:
             client.ask("[1]", task="   ")
         refusals.append(refused.value)
-        scraped_after(time.time())
+        # Not just a scrape: one that holds the first round (a server books a request after its answer is sent).
+        _poll("the first round scraped", lambda: round_one_scraped(first.tokens), SCRAPE_S)
         again = client.ask("[4, 5, 6]", task=TASK, max_new_tokens=4)
         other = client.ask("cat", task=OTHER_TASK, max_new_tokens=4, mode="merged")
         with pytest.raises(EdgeError) as refused:
@@ -363,12 +372,19 @@ def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
     expressions = dashboard_expressions()
     empty = [(title, expr) for title, expr in expressions if not prometheus.query(expr)]
     assert empty == [], "dashboard queries that return no series"
-    # Data, not just series: every query has at least one real number (a quantile of nothing is NaN).
-    no_number = [
-        (title, expr)
-        for title, expr in expressions
-        if not any(math.isfinite(v) for v in _series_with_values(prometheus, expr))
-    ]
+
+    # Data, not just series: every query has at least one real number (a quantile of nothing is NaN). Polled:
+    # the last scrape's samples may reach queries a moment after its timestamp does.
+    def without_number() -> list[tuple[str, str]]:
+        return [
+            (title, expr)
+            for title, expr in expressions
+            if not any(math.isfinite(v) for v in _series_with_values(prometheus, expr))
+        ]
+
+    deadline = time.monotonic() + 15.0
+    while (no_number := without_number()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert no_number == [], "dashboard queries whose every series is NaN"
 
     for process in (worker, coordinator):
