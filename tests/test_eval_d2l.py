@@ -91,3 +91,14 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, tiny_d2l, tiny_base_dir,
     assert code == 0
     assert "| fictional (1 docs" in capsys.readouterr().out
     assert set(json.loads(out.read_text())["fictional"]["mean"]) == set(CONDITIONS)
+
+
+def test_speed_takes_a_length_and_at_most_one_question_per_fact(tmp_path, tiny_d2l, tiny_base_dir):
+    """What `bench/bench_d2l_vs_cd.py` asks for: documents of another length, their questions capped (one per fact),
+    the base model's floor and the teacher's time beside the ratios."""
+    ev = Evaluator(_args(tmp_path, tiny_d2l, tiny_base_dir))
+    speed = ev.speed(tokens=128, documents=1, questions=2)
+    assert speed["documents"] == 1 and speed["questions_per_document"] == 2
+    assert speed["tokens_median"] > 64  # longer than the args' speed_tokens: the length argument counts
+    assert "base_rougeL" in speed and speed["cd_teacher_s_median"] > 0
+    assert speed["ratio_cd_with_teacher_over_d2l"] > speed["ratio_cd_over_d2l"]
