@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from loracast import base_model
+from worker.server import WorkerConfig
 
 
 @pytest.fixture(scope="session")
@@ -190,3 +192,10 @@ def write_rc_fixture(root: Path) -> Path:
     for name, task in files.items():
         (folder / name).write_text(json.dumps(task))
     return root
+
+
+def loopback_worker(cache_dir: Path, model_dir: Path, **fields: Any) -> WorkerConfig:
+    """A test worker's config: a free loopback port, no /metrics, one ONNX Runtime thread (tests share the
+    machine's cores); `fields` add to or override these."""
+    defaults = {"listen": "127.0.0.1:0", "metrics_port": None, "intra_op_threads": 1}
+    return WorkerConfig(cache_dir=cache_dir, model_dir=model_dir, **{**defaults, **fields})

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from conftest import loopback_worker
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -54,7 +55,7 @@ from loracast.grpc_common import MAX_MESSAGE_BYTES, open_channel, wait_until_ser
 from loracast.lora_spec import ATTN_MODULES, MLP_MODULES, LoraSpec, peft_key
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
-from worker.server import RunningWorker, WorkerConfig
+from worker.server import RunningWorker
 from worker.server import start as start_worker
 
 PROTO = Path(__file__).resolve().parents[1] / "protos" / "loracast" / "v1" / "loracast.proto"
@@ -260,13 +261,10 @@ def servers(
     )
     try:
         worker = start_worker(
-            WorkerConfig(
+            loopback_worker(
                 cache_dir=root / "worker-cache",
                 coordinator=f"127.0.0.1:{coordinator.port}",
                 model_dir=model_dir,
-                listen="127.0.0.1:0",
-                metrics_port=None,
-                intra_op_threads=1,
                 max_new_tokens=MAX_NEW,
             )
         )
@@ -920,13 +918,10 @@ def test_the_coordinators_deadline_refusal_reaches_the_workers_client_as_deadlin
     )
     coordinator = start_coordinator(config, recorder, clock=lambda: now[0])
     worker = start_worker(
-        WorkerConfig(
+        loopback_worker(
             cache_dir=tmp_path / "worker-cache",
             coordinator=f"127.0.0.1:{coordinator.port}",
             model_dir=model_dir,
-            listen="127.0.0.1:0",
-            metrics_port=None,
-            intra_op_threads=1,
         )
     )
     try:

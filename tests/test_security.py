@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from conftest import loopback_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_coordinator import Recorder, _certificates
@@ -65,7 +66,7 @@ from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 from worker.adapter_store import read_installed
 from worker.chat import ChatTokenizer
-from worker.server import RunningWorker, WorkerConfig
+from worker.server import RunningWorker
 from worker.server import start as start_worker_server
 
 TIMEOUT = 60.0
@@ -129,14 +130,11 @@ def secured(
     running_coordinator = start_coordinator(coordinator_config, recorder)
     try:
         running_worker = start_worker_server(
-            WorkerConfig(
+            loopback_worker(
                 cache_dir=root / "worker-cache",
                 coordinator=f"127.0.0.1:{running_coordinator.port}",
                 coordinator_security=ClientSecurity(tls_ca=pki["ca.pem"], token=COORDINATOR_TOKEN),
                 model_dir=model_dir,
-                listen="127.0.0.1:0",
-                metrics_port=None,
-                intra_op_threads=1,
                 max_new_tokens=8,
                 security=ServerSecurity(**tls, tokens=frozenset({WORKER_TOKEN})),
             )
@@ -283,14 +281,11 @@ def test_a_worker_with_wrong_credentials_for_the_coordinator_gets_nothing_from_i
         ("no TLS", ClientSecurity(token=COORDINATOR_TOKEN), "UNAVAILABLE"),
     ):
         worker = start_worker_server(
-            WorkerConfig(
+            loopback_worker(
                 cache_dir=tmp_path / name,
                 coordinator=target,
                 coordinator_security=security,
                 model_dir=model_dir,
-                listen="127.0.0.1:0",
-                metrics_port=None,
-                intra_op_threads=1,
             )
         )
         try:
@@ -316,12 +311,9 @@ def test_mutual_tls_on_the_worker_refuses_a_client_without_a_certificate_on_ever
         tls_cert=pki["server.pem"], tls_key=pki["server.key"], client_ca=pki["ca.pem"], tokens=frozenset({"t"})
     )
     worker = start_worker_server(
-        WorkerConfig(
+        loopback_worker(
             cache_dir=tmp_path / "cache",
             model_dir=model_dir,
-            listen="127.0.0.1:0",
-            metrics_port=None,
-            intra_op_threads=1,
             security=security,
         )
     )
@@ -547,13 +539,11 @@ def test_documents_never_reach_disk_or_logs(
         running_worker = None
         try:
             running_worker = start_worker_server(
-                WorkerConfig(
+                loopback_worker(
                     cache_dir=worker_cache,
                     coordinator=f"127.0.0.1:{running_coordinator.port}",
                     model_dir=model_dir,
-                    listen="127.0.0.1:0",
                     metrics_port=0,
-                    intra_op_threads=1,
                     max_new_tokens=4,
                 )
             )

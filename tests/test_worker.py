@@ -26,6 +26,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import loopback_worker
 from peft import PeftModel
 from test_onnx_session import TOL, _hf_model, _max_diff, _reference_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -217,16 +218,8 @@ def start_worker(model_dir: Path, tmp_path: Path):
     running = []
 
     def start(**overrides) -> worker_server.RunningWorker:
-        fields = {
-            "cache_dir": tmp_path / "cache",
-            "model_dir": model_dir,
-            "listen": "127.0.0.1:0",
-            "metrics_port": None,
-            "intra_op_threads": 1,
-            "max_new_tokens": 64,
-            **overrides,
-        }
-        running.append(worker_server.start(worker_server.WorkerConfig(**fields)))
+        fields = {"cache_dir": tmp_path / "cache", "model_dir": model_dir, "max_new_tokens": 64, **overrides}
+        running.append(worker_server.start(loopback_worker(**fields)))
         return running[-1]
 
     yield start
