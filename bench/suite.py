@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ SECTIONS = (
     Section("scaling", ("bench/bench_scaling.py",), "scaling.json"),
     Section("load", ("-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_load.py"), "load.json"),
 )
+SECTION_FILES = {s.name: s.result for s in SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def run_section(section: Section, workdir: Path) -> dict[str, Any]:
     ok = code == 0 and bool(found) and found[0].is_file()
     result = json.loads(found[0].read_text()) if ok else None
     if section.name == "load" and result is not None:
-        (RESULTS / section.result).write_text(json.dumps(result, indent=2))  # the run's copy, beside the others
+        write_json(result, RESULTS / section.result)  # the run's copy, beside the others
     return {"ok": ok, "exit_code": code, "wall_s": wall, "command": " ".join(section.command), "result": result}
 
 
@@ -211,9 +213,6 @@ def markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTION_FILES = {s.name: s.result for s in SECTIONS}
-
-
 def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -254,8 +253,6 @@ def selected(only: list[str] | None, skip: list[str]) -> list[Section]:
 
 
 def run(json_path: Path, only: list[str] | None = None, skip: list[str] = ()) -> int:
-    import platform
-
     sections = selected(only, list(skip))
     RESULTS.mkdir(exist_ok=True)
     start = time.time()

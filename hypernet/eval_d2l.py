@@ -194,7 +194,7 @@ class Evaluator:
         tokens = tokens or a.speed_tokens
         docs = speed_documents(documents or a.speed_documents, tokens, a.seed, self.count_tokens)
         if questions:
-            docs = [replace(one_per_fact(d), qas=one_per_fact(d).qas[:questions]) for d in docs]
+            docs = [replace(d, qas=d.qas[:questions]) for d in map(one_per_fact, docs)]
         checks = {2**i for i in range(int(math.log2(a.cd_steps * 4)) + 1)}
         d2l_s, d2l_scores, base_scores, teacher_s, curves = [], [], [], [], []
         for doc in tqdm(docs, desc=f"speed ({tokens} tokens)"):
