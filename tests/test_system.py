@@ -274,6 +274,15 @@ def _value(prometheus: Prometheus, expr: str) -> float:
     return values[0]
 
 
+def _raw_samples(prometheus: Prometheus) -> dict[str, list]:
+    """What Prometheus stored for a few series the failing quantiles and ratios read, to tell a missed scrape
+    from an evaluation problem when the check above fails (it has, rarely, in full CI runs only)."""
+    series = ("loracast_time_to_first_token_seconds_count", "loracast_adapter_cache_requests_total", "up")
+    return {name: prometheus.api("query", query=f"{name}[5m]")["result"] for name in series} | {
+        "time": prometheus.api("query", query="time()")["result"]
+    }
+
+
 def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
     tiny_base_dir, tiny_t2l, tmp_path, processes
 ):
@@ -385,7 +394,7 @@ def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
     deadline = time.monotonic() + 15.0
     while (no_number := without_number()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert no_number == [], "dashboard queries whose every series is NaN"
+    assert no_number == [], f"dashboard queries whose every series is NaN; raw samples: {_raw_samples(prometheus)}"
 
     for process in (worker, coordinator):
         assert process.terminate() == 0, f"{process.name} exit code\n{process.stderr()}"
