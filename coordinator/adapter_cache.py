@@ -1,13 +1,16 @@
 """The coordinator's adapter cache: content addressed, on disk, bounded by bytes, kept across restarts.
 
-    ROOT/adapters/<adapter id>.adapter   b"LCA1", the manifest's length (uint32 LE), the FLOAT32 manifest, payload
+    ROOT/adapters/<adapter id>.adapter   b"LCA2", the manifest's length (uint32 LE), the FLOAT32 manifest, payload
     ROOT/sources/<source key>            the id of the adapter made from one source text (see `source_key`)
     ROOT/lock                            held by the one coordinator process that uses ROOT
 
-Adapters are stored once, in float32, the encoding their id is computed from; FLOAT16 is converted when asked
-for and memoized in memory. Every file is written to a temporary sibling, fsynced and renamed into place: a crash
-leaves the old state or the new one, never half a file. Recency (for eviction and ListAdapters) is the adapter
-file's mtime, so it survives a restart. Source texts are never stored: a source key is a SHA-256.
+Adapters are stored once, in float32; FLOAT16 is converted when asked for (under the same id: the manifest
+carries both encodings' digests, see loracast.adapter_wire) and memoized in memory. Every file is written to a
+temporary sibling, fsynced and renamed into place: a crash leaves the old state or the new one, never half a file.
+Recency (for eviction and ListAdapters) is the adapter file's mtime, so it survives a restart. Source texts are
+never stored: a source key is a SHA-256. Files of the first format (b"LCA1", whose ids covered the float32 payload
+only) are removed at startup; a source key that pointed at one finds nothing and is dropped, and its text is
+generated again, under the new id, when it is next asked for.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from loracast.adapter_wire import WireAdapter, WireError
 from loracast.lora_spec import LoraSpec
 from loracast.v1 import loracast_pb2 as pb
 
-MAGIC = b"LCA1"
+MAGIC = b"LCA2"
 _HEADER = struct.Struct("<4sI")
 _SUFFIX = ".adapter"
 _TEMP_SUFFIX = ".tmp"
@@ -246,7 +249,7 @@ class AdapterCache:
         with open(path, "rb") as f:
             magic, length = _HEADER.unpack(f.read(_HEADER.size).ljust(_HEADER.size, b"\0"))
             if magic != MAGIC:
-                raise WireError("not a LoraCast cache file")
+                raise WireError(f"not a {MAGIC.decode()} cache file (an older LoraCast's, or something else)")
             try:
                 manifest = pb.AdapterManifest.FromString(f.read(length))
             except DecodeError as exc:

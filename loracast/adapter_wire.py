@@ -1,10 +1,18 @@
 """An adapter on the wire: a manifest, then its payload in chunks (the contract is protos/loracast/v1).
 
 The payload is every LoRA matrix, little-endian, in canonical order — layer, then module name, then A before
-B — so the same adapter always has the same bytes. The adapter id is the SHA-256 of its content: a JSON
-header (base fingerprint, hypernet version, rank, alpha, rsLoRA, target modules, tensor names and shapes)
-followed by the float32 payload. The id is therefore independent of the wire dtype, and of the text the
-adapter was made from; `payload_sha256` covers the bytes actually sent and is verified before decoding.
+B — so the same adapter always has the same bytes. The adapter id commits to the config and to the payload in
+both dtypes:
+
+    adapter_id = hex(SHA-256(config ‖ SHA-256(float32 payload) ‖ SHA-256(float16 payload)))
+
+where the inner digests are 32 raw bytes and `config` is the compact, key-sorted JSON of the base fingerprint,
+hypernet version, rank, alpha (as the manifest's float32), rsLoRA, target modules and the tensor names and shapes.
+A manifest carries `payload_sha256` for the bytes it sends and `other_dtype_sha256` for the other dtype's: a
+receiver hashes what it received, takes the other digest from the manifest and recomputes the id (`content_id`),
+so a float16 adapter is as verifiable as a float32 one, and forging either (other bytes, another base
+fingerprint) takes a SHA-256 preimage. The id is independent of the wire dtype and of the text the adapter was
+made from.
 
 Torch-free: the worker's serving path uses it.
 """
@@ -28,6 +36,7 @@ META_HYPERNET_VERSION = "loracast.hypernet_version"
 DEFAULT_CHUNK = 256 * 1024
 MIN_CHUNK, MAX_CHUNK = 64 * 1024, 1024 * 1024
 _NUMPY = {pb.FLOAT16: np.dtype("<f2"), pb.FLOAT32: np.dtype("<f4")}
+_OTHER = {pb.FLOAT16: pb.FLOAT32, pb.FLOAT32: pb.FLOAT16}
 _ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -68,24 +77,26 @@ def _canonical(adapter: Adapter) -> list[tuple[str, np.ndarray]]:
     return tensors
 
 
-def _content_id(header: dict, fp32_payload: bytes) -> str:
-    digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
-    digest.update(fp32_payload)
-    return digest.hexdigest()
-
-
-def _header(fingerprint: str, version: str, spec: LoraSpec, tensors: list[tuple[str, tuple[int, ...]]]) -> dict:
-    return {
-        "base_fingerprint": fingerprint,
-        "hypernet_version": version,
-        "r": spec.r,
-        # As the manifest carries it, a float32, so that a receiver recomputes the same id: Doc-to-LoRA's alpha,
-        # scaled with its rank (hypernet.generate.with_rank), is rarely a float32 exactly.
-        "alpha": float(np.float32(spec.alpha)),
-        "use_rslora": spec.use_rslora,
-        "target_modules": list(spec.target_modules),
-        "tensors": [[name, list(shape)] for name, shape in tensors],
+def content_id(manifest: pb.AdapterManifest) -> str:
+    """The id a manifest's config and payload digests give (the module docstring defines it); the digests must be
+    hex, as `check_manifest` makes sure. The manifest's own `adapter_id` is not read: a receiver compares the two
+    once the payload has passed its SHA-256 check."""
+    digests = {manifest.dtype: manifest.payload_sha256, _OTHER[manifest.dtype]: manifest.other_dtype_sha256}
+    config = {
+        "base_fingerprint": manifest.base_fingerprint,
+        "hypernet_version": manifest.hypernet_version,
+        "r": manifest.rank,
+        # The manifest's float32, whatever float it was set from: Doc-to-LoRA's alpha, scaled with its rank
+        # (hypernet.generate.with_rank), is rarely a float32 exactly, and the receiver only sees the float32.
+        "alpha": float(np.float32(manifest.alpha)),
+        "use_rslora": manifest.use_rslora,
+        "target_modules": list(manifest.target_modules),
+        "tensors": [[entry.name, list(entry.shape)] for entry in manifest.tensors],
     }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(bytes.fromhex(digests[pb.FLOAT32]))
+    digest.update(bytes.fromhex(digests[pb.FLOAT16]))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -102,31 +113,28 @@ def encode(adapter: Adapter, spec: LoraSpec, metadata: Mapping[str, str], dtype:
         raise WireError("an adapter must record the base model fingerprint it was made for")
     dtype = wire_dtype(dtype)
     tensors = _canonical(adapter)
-    fingerprint, version = metadata[META_FINGERPRINT], metadata.get(META_HYPERNET_VERSION, "")
-    header = _header(fingerprint, version, spec, [(name, x.shape) for name, x in tensors])
-    adapter_id = _content_id(header, b"".join(x.astype("<f4").tobytes() for _, x in tensors))
-    entries, parts, offset = [], [], 0
+    # Both encodings are made: the id needs the digest of each, and only one of them is sent.
+    payloads = {d: b"".join(x.astype(np_dtype).tobytes() for _, x in tensors) for d, np_dtype in _NUMPY.items()}
+    itemsize, entries, offset = _NUMPY[dtype].itemsize, [], 0
     for name, x in tensors:
-        raw = x.astype(_NUMPY[dtype]).tobytes()
-        entries.append(pb.TensorEntry(name=name, shape=x.shape, offset=offset, nbytes=len(raw)))
-        parts.append(raw)
-        offset += len(raw)
-    payload = b"".join(parts)
+        entries.append(pb.TensorEntry(name=name, shape=x.shape, offset=offset, nbytes=x.size * itemsize))
+        offset += x.size * itemsize
     manifest = pb.AdapterManifest(
-        adapter_id=adapter_id,
-        base_fingerprint=fingerprint,
-        hypernet_version=version,
+        base_fingerprint=metadata[META_FINGERPRINT],
+        hypernet_version=metadata.get(META_HYPERNET_VERSION, ""),
         rank=spec.r,
         alpha=spec.alpha,
         use_rslora=spec.use_rslora,
         target_modules=spec.target_modules,
         dtype=dtype,
         tensors=entries,
-        total_size=len(payload),
-        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        total_size=len(payloads[dtype]),
+        payload_sha256=hashlib.sha256(payloads[dtype]).hexdigest(),
+        other_dtype_sha256=hashlib.sha256(payloads[_OTHER[dtype]]).hexdigest(),
         provenance={k: v for k, v in metadata.items() if k not in (META_FINGERPRINT, META_HYPERNET_VERSION)},
     )
-    return WireAdapter(manifest, payload)
+    manifest.adapter_id = content_id(manifest)
+    return WireAdapter(manifest, payloads[dtype])
 
 
 def check_manifest(manifest: pb.AdapterManifest) -> None:
@@ -134,8 +142,9 @@ def check_manifest(manifest: pb.AdapterManifest) -> None:
     check_adapter_id(manifest.adapter_id)
     if manifest.dtype not in _NUMPY:
         raise WireError(f"manifest dtype {manifest.dtype} is not FLOAT16 or FLOAT32")
-    if not _ID.fullmatch(manifest.payload_sha256):
-        raise WireError("manifest payload_sha256 is not 64 lowercase hex digits")
+    for field in ("payload_sha256", "other_dtype_sha256"):
+        if not _ID.fullmatch(getattr(manifest, field)):
+            raise WireError(f"manifest {field} is not 64 lowercase hex digits")
     if manifest.rank == 0 or not manifest.target_modules or not manifest.tensors:
         raise WireError("manifest has no rank, target modules or tensors")
     if not math.isfinite(manifest.alpha):
@@ -171,6 +180,10 @@ def decode(manifest: pb.AdapterManifest, payload: bytes) -> tuple[dict, LoraSpec
         raise WireError(f"payload has {len(payload)} bytes, the manifest promised {manifest.total_size}")
     if hashlib.sha256(payload).hexdigest() != manifest.payload_sha256:
         raise WireError(f"adapter {manifest.adapter_id[:12]}…: payload fails its SHA-256 check (corrupt transfer)")
+    # payload_sha256 now stands for the bytes received, so the id binds them, the config and the other dtype's
+    # digest together: whoever changed any of them would have had to find a SHA-256 preimage of the id.
+    if content_id(manifest) != manifest.adapter_id:
+        raise WireError(f"adapter {manifest.adapter_id[:12]}…: content does not match its id")
     spec = LoraSpec(tuple(manifest.target_modules), manifest.rank, manifest.alpha, manifest.use_rslora)
     np_dtype = _NUMPY[manifest.dtype]
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
@@ -181,15 +194,6 @@ def decode(manifest: pb.AdapterManifest, payload: bytes) -> tuple[dict, LoraSpec
     if any(len(p) != 2 for p in pairs.values()):
         raise WireError(f"adapter {manifest.adapter_id[:12]}…: a LoRA pair is missing its A or B matrix")
     adapter = {k: (p["A"], p["B"]) for k, p in pairs.items()}
-    if manifest.dtype == pb.FLOAT32:  # fp32 is the id's own encoding: the id can be checked exactly
-        header = _header(
-            manifest.base_fingerprint,
-            manifest.hypernet_version,
-            spec,
-            [(e.name, tuple(e.shape)) for e in manifest.tensors],
-        )
-        if _content_id(header, payload) != manifest.adapter_id:
-            raise WireError(f"adapter {manifest.adapter_id[:12]}…: content does not match its id")
     metadata = {META_FINGERPRINT: manifest.base_fingerprint, META_HYPERNET_VERSION: manifest.hypernet_version}
     metadata.update(manifest.provenance)
     return adapter, spec, metadata

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
@@ -49,6 +52,9 @@ def test_fp16_is_the_default_halves_the_bytes_and_keeps_the_content_id():
     assert 2 * fp16.manifest.total_size == fp32.manifest.total_size
     assert fp16.manifest.adapter_id == fp32.manifest.adapter_id
     assert fp16.manifest.payload_sha256 != fp32.manifest.payload_sha256
+    # Each carries the other's digest: the half of the id its own bytes cannot give.
+    assert fp16.manifest.other_dtype_sha256 == fp32.manifest.payload_sha256
+    assert fp32.manifest.other_dtype_sha256 == fp16.manifest.payload_sha256
     got, _, _ = adapter_wire.decode(fp16.manifest, fp16.payload)
     for key, (a, b) in adapter.items():
         np.testing.assert_allclose(got[key][0], a, rtol=1e-3, atol=1e-4)
@@ -77,14 +83,46 @@ def test_a_flipped_byte_is_detected_before_decoding(dtype):
         adapter_wire.decode(wire.manifest, wire.payload[:-1])
 
 
-def test_fp32_payload_swapped_with_a_consistent_hash_still_fails_the_content_id():
-    wire = adapter_wire.encode(_adapter(), SPEC, META, pb.FLOAT32)
-    forged_payload = adapter_wire.encode(_adapter(7), SPEC, META, pb.FLOAT32).payload
+def test_the_content_id_is_the_documented_hash_of_config_and_both_digests():
+    fp16 = adapter_wire.encode(_adapter(), SPEC, META).manifest
+    fp32 = adapter_wire.encode(_adapter(), SPEC, META, pb.FLOAT32).manifest
+    config = {
+        "alpha": 8.0,
+        "base_fingerprint": "f" * 64,
+        "hypernet_version": "t2l-test",
+        "r": 4,
+        "target_modules": ["q_proj", "v_proj"],
+        "tensors": [[entry.name, list(entry.shape)] for entry in fp32.tensors],
+        "use_rslora": True,
+    }
+    material = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    material += bytes.fromhex(fp32.payload_sha256) + bytes.fromhex(fp16.payload_sha256)
+    assert fp16.adapter_id == fp32.adapter_id == hashlib.sha256(material).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [pb.FLOAT16, pb.FLOAT32])
+@pytest.mark.parametrize("field", ["payload_sha256", "other_dtype_sha256"])
+def test_a_payload_swapped_with_a_consistent_hash_still_fails_the_content_id(dtype, field):
+    """Another adapter's bytes with their real SHA-256 (payload_sha256), or with the digest of its other
+    encoding claimed too: the id of the adapter they pose as was made from neither."""
+    wire = adapter_wire.encode(_adapter(), SPEC, META, dtype)
+    other = adapter_wire.encode(_adapter(7), SPEC, META, dtype)
     forged = pb.AdapterManifest()
     forged.CopyFrom(wire.manifest)
-    forged.payload_sha256 = adapter_wire.encode(_adapter(7), SPEC, META, pb.FLOAT32).manifest.payload_sha256
+    forged.payload_sha256 = other.manifest.payload_sha256
+    if field == "other_dtype_sha256":
+        forged.other_dtype_sha256 = other.manifest.other_dtype_sha256
     with pytest.raises(WireError, match="does not match its id"):
-        adapter_wire.decode(forged, forged_payload)
+        adapter_wire.decode(forged, other.payload)
+
+
+def test_a_float16_adapter_relabeled_for_another_base_fails_the_content_id():
+    wire = adapter_wire.encode(_adapter(), SPEC, META)
+    forged = pb.AdapterManifest()
+    forged.CopyFrom(wire.manifest)
+    forged.base_fingerprint = "0" * 64
+    with pytest.raises(WireError, match="does not match its id"):
+        adapter_wire.decode(forged, wire.payload)
 
 
 def test_chunks_cover_the_payload_and_resume_from_an_offset():
@@ -138,6 +176,7 @@ def _mutated(**changes) -> pb.AdapterManifest:
         ({"dtype": 7}, "dtype"),
         ({"alpha": float("nan")}, "alpha"),
         ({"payload_sha256": "nope"}, "payload_sha256"),
+        ({"other_dtype_sha256": ""}, "other_dtype_sha256"),
     ],
 )
 def test_malformed_manifests_are_refused_before_any_data(changes, message):
@@ -150,8 +189,9 @@ def test_encode_requires_the_base_fingerprint():
         adapter_wire.encode(_adapter(), SPEC, {adapter_wire.META_HYPERNET_VERSION: "x"})
 
 
-def test_fp32_content_id_survives_an_alpha_that_float32_cannot_hold_exactly():
+@pytest.mark.parametrize("dtype", [pb.FLOAT16, pb.FLOAT32])
+def test_content_id_survives_an_alpha_that_float32_cannot_hold_exactly(dtype):
     spec = LoraSpec(("q_proj", "v_proj"), r=4, alpha=16 / 3, use_rslora=True)
-    wire = adapter_wire.encode(_adapter(), spec, META, pb.FLOAT32)
+    wire = adapter_wire.encode(_adapter(), spec, META, dtype)
     _, got, _ = adapter_wire.decode(wire.manifest, wire.payload)  # would fail the content-id check
     assert got.alpha == pytest.approx(16 / 3)

@@ -250,7 +250,7 @@ def test_fetch_resumes_from_an_offset(tmp_path: Path, generator: TextToLoRAGener
             assert resumed_manifest == manifest
             payload = received + rest
             assert hashlib.sha256(payload).hexdigest() == manifest.payload_sha256
-            adapter_wire.decode(manifest, payload)  # verifies size, SHA-256 and (float32) the content id
+            adapter_wire.decode(manifest, payload)  # verifies size, SHA-256 and the content id
 
             at_end, nothing = fetch(stub, adapter_id, dtype, offset=manifest.total_size)
             assert at_end == manifest and nothing == b""

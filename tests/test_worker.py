@@ -173,6 +173,8 @@ class ScriptedCoordinator(pb_grpc.CoordinatorServicer):
         if request.description == "busy":
             context.set_trailing_metadata(((RETRY_AFTER_MS, "1234"),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many generations in flight")
+        if request.description == "no time":
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "a generation takes longer: allow more time")
         if request.description.startswith("x" * 100):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the description is over the size limit")
         return self._answer(request.description.strip().encode(), context)
@@ -553,6 +555,22 @@ def test_a_restarted_worker_serves_its_cache_while_the_coordinator_is_down(
     assert ask(lone, pb.AdapterRef(task=TASK))[0].adapter_id == a
     error = refused(lone.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(adapter_id=b)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_coordinator_that_does_not_answer_is_unavailable_and_its_deadline_refusal_passed_on(
+    coordinator, start_worker, connect, wires
+):
+    script, target, _ = coordinator
+    script.add(wires["a"], TASK.encode())
+    stub = connect(start_worker(coordinator=target, coordinator_timeout=0.5))
+    error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task="no time")))
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.details()
+    assert error.details() == "coordinator: a generation takes longer: allow more time"
+
+    script.gate = threading.Event()  # the generation hangs past the worker's limit on a coordinator call
+    error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task=TASK)), timeout=WAIT)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+    assert "cannot be reached" in error.details()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ Layout under the cache directory:
     adapters/<id>/          an installed adapter: manifest.pb and payload.bin, exactly as received
     sources.json            description / document SHA-256 -> adapter id, from the coordinator's earlier answers
 
-A payload is verified (size, SHA-256, and the content id for float32) with `adapter_wire.decode` before it is
-moved into `adapters/` with one rename, so a torn or corrupt transfer never becomes an adapter. A full disk
+A payload is verified (size, SHA-256, and the content id in either dtype) with `adapter_wire.decode` before it is
+moved into `adapters/` with one rename, so a torn, corrupt or forged transfer never becomes an adapter. Installed
+adapters and partial manifests are verified again at startup, so those of an older id scheme (manifests without
+other_dtype_sha256) are dropped, never trusted, and fetched again under their new ids. A full disk
 (ENOSPC, EDQUOT) ends the transfer with RESOURCE_EXHAUSTED and deletes what it had written: a half-written file
 cannot be completed in place, and its space is the first to give back. Recency is the manifest file's mtime, so
 the LRU order survives a restart. Torch-free.

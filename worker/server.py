@@ -332,7 +332,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def _describe(self, task: str, context: grpc.ServicerContext) -> pb.AdapterManifest:
         request = pb.GenerateFromDescriptionRequest(description=task, dtype=self.config.dtype)
-        return self._require_coordinator().GenerateFromDescription(request, timeout=self._timeout(context)).manifest
+        return self._generation(self._require_coordinator().GenerateFromDescription, request, context)
 
     def _internalize(self, document: bytes, context: grpc.ServicerContext) -> pb.AdapterManifest:
         """Forward the document in chunks; it stays in memory (never on disk or in a log)."""
@@ -341,7 +341,23 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             pb.DocumentChunk(data=document[i : i + DOCUMENT_CHUNK], dtype=self.config.dtype if i == 0 else 0)
             for i in range(0, len(document), DOCUMENT_CHUNK)
         )
-        return stub.InternalizeDocument(chunks, timeout=self._timeout(context)).manifest
+        return self._generation(stub.InternalizeDocument, chunks, context)
+
+    def _generation(
+        self, call: Callable[..., pb.GenerateResponse], request: object, context: grpc.ServicerContext
+    ) -> pb.AdapterManifest:
+        """The manifest a coordinator generation RPC answers `request` with."""
+        timeout = self._timeout(context)
+        start = time.perf_counter()
+        try:
+            return call(request, timeout=timeout).manifest
+        except grpc.RpcError as exc:
+            # Before this call's own deadline, DEADLINE_EXCEEDED is the coordinator's refusal of a generation that
+            # the time left is too short for, and its message says how much to allow: no sign of a coordinator
+            # that cannot be reached.
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.perf_counter() - start < timeout:
+                raise RequestError(exc.code(), f"coordinator: {exc.details()}") from None
+            raise
 
     def _coordinator_error(self, exc: grpc.RpcError, context: grpc.ServicerContext, ref: pb.AdapterRef) -> RequestError:
         """The worker's documented status for a failed coordinator call."""

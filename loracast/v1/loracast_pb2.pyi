@@ -38,7 +38,7 @@ class TensorEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class AdapterManifest(_message.Message):
-    __slots__ = ("adapter_id", "base_fingerprint", "hypernet_version", "rank", "alpha", "use_rslora", "target_modules", "dtype", "tensors", "total_size", "payload_sha256", "provenance")
+    __slots__ = ("adapter_id", "base_fingerprint", "hypernet_version", "rank", "alpha", "use_rslora", "target_modules", "dtype", "tensors", "total_size", "payload_sha256", "provenance", "other_dtype_sha256")
     class ProvenanceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class AdapterManifest(_message.Message):
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    OTHER_DTYPE_SHA256_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     base_fingerprint: str
     hypernet_version: str
@@ -70,7 +71,8 @@ class AdapterManifest(_message.Message):
     total_size: int
     payload_sha256: str
     provenance: _containers.ScalarMap[str, str]
-    def __init__(self, adapter_id: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., hypernet_version: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., total_size: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    other_dtype_sha256: str
+    def __init__(self, adapter_id: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., hypernet_version: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., total_size: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., provenance: _Optional[_Mapping[str, str]] = ..., other_dtype_sha256: _Optional[str] = ...) -> None: ...
 
 class AdapterChunk(_message.Message):
     __slots__ = ("manifest", "data")

@@ -338,7 +338,9 @@ class WorkerServicer:
         arrives, a `done` message with timings. With no adapter chosen, the plain base model answers.
         Errors: INVALID_ARGUMENT empty prompt, empty task or document, max_new_tokens over the limit;
         NOT_FOUND adapter_id neither resident nor known to the coordinator;
-        FAILED_PRECONDITION the adapter was made for another base model, or fails its SHA-256 check;
+        FAILED_PRECONDITION the adapter was made for another base model, or fails its SHA-256 or id check;
+        DEADLINE_EXCEEDED also when the coordinator refuses a generation the deadline leaves too little time
+        for (the message says how much to allow);
         UNAVAILABLE the adapter is not resident and the coordinator cannot be reached;
         RESOURCE_EXHAUSTED too many generations in flight (`retry-after-ms` trailing metadata), or the
         worker's disk is full while storing the adapter (no `retry-after-ms`; nothing half-written is kept).
