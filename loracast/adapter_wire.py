@@ -184,6 +184,12 @@ def decode(manifest: pb.AdapterManifest, payload: bytes) -> tuple[dict, LoraSpec
     # digest together: whoever changed any of them would have had to find a SHA-256 preimage of the id.
     if content_id(manifest) != manifest.adapter_id:
         raise WireError(f"adapter {manifest.adapter_id[:12]}…: content does not match its id")
+    # float32 bytes determine the float16 ones, so a float32 receiver also checks the half of the id it was told:
+    # an id whose float16 digest is not this adapter's would let its float16 receivers get other weights.
+    if manifest.dtype == pb.FLOAT32:
+        as_fp16 = np.frombuffer(payload, _NUMPY[pb.FLOAT32]).astype(_NUMPY[pb.FLOAT16]).tobytes()
+        if hashlib.sha256(as_fp16).hexdigest() != manifest.other_dtype_sha256:
+            raise WireError(f"adapter {manifest.adapter_id[:12]}…: its float16 digest is not its float32 payload's")
     spec = LoraSpec(tuple(manifest.target_modules), manifest.rank, manifest.alpha, manifest.use_rslora)
     np_dtype = _NUMPY[manifest.dtype]
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}

@@ -125,6 +125,19 @@ def test_a_float16_adapter_relabeled_for_another_base_fails_the_content_id():
         adapter_wire.decode(forged, wire.payload)
 
 
+def test_a_float32_adapter_whose_id_commits_to_other_float16_bytes_is_refused():
+    """The creator of an id chooses both digests: one whose float16 half is not its float32 payload's would give
+    float16 receivers other weights under the same id. A float32 receiver can tell, and refuses it."""
+    wire = adapter_wire.encode(_adapter(), SPEC, META, pb.FLOAT32)
+    other = adapter_wire.encode(_adapter(7), SPEC, META, pb.FLOAT32)
+    forged = pb.AdapterManifest()
+    forged.CopyFrom(wire.manifest)
+    forged.other_dtype_sha256 = other.manifest.other_dtype_sha256
+    forged.adapter_id = adapter_wire.content_id(forged)  # a consistent id: the creator forged it
+    with pytest.raises(WireError, match="float16 digest is not its float32 payload's"):
+        adapter_wire.decode(forged, wire.payload)
+
+
 def test_chunks_cover_the_payload_and_resume_from_an_offset():
     payload = bytes(range(256)) * 1000  # 256000 bytes
     whole = list(adapter_wire.chunks(payload, chunk_size=adapter_wire.MIN_CHUNK))
