@@ -350,12 +350,13 @@ class AdapterStore:
         stored = self._partial / f"{adapter_id}.manifest"
         if manifest is not None:
             self._accept(adapter_id, manifest)
-        # A transfer an earlier call (or run) left half done is resumed, unless it was for other bytes.
+        # A transfer an earlier call (or run) left half done is resumed, unless its manifest differs in anything
+        # (other bytes, or the same bytes under other digests: its bytes would fail the check at the end).
         previous = _read_manifest(stored) if self._resumable(adapter_id) else None
         if previous is None:
             part.unlink(missing_ok=True)
             stored.unlink(missing_ok=True)
-        if manifest is not None and (previous is None or previous.payload_sha256 != manifest.payload_sha256):
+        if manifest is not None and previous != manifest:
             self._start_partial(adapter_id, manifest)
 
         start = time.perf_counter()
@@ -414,7 +415,7 @@ class AdapterStore:
                 self._accept(adapter_id, first.manifest)  # before a single data byte is read
                 manifest = first.manifest
                 self._start_partial(adapter_id, manifest)
-            elif first.manifest.payload_sha256 != manifest.payload_sha256:
+            elif first.manifest != manifest:
                 self._accept(adapter_id, first.manifest)
                 self._start_partial(adapter_id, first.manifest)
                 raise _Interrupted("the coordinator now sends other bytes (another dtype?); starting over")
