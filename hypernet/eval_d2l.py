@@ -39,7 +39,7 @@ from hypernet.eval_t2l import score
 from hypernet.generate import DocToLoRAGenerator
 from hypernet.sni_data import collate
 from hypernet.t2l import Adapter
-from hypernet.train_d2l import Target, TrainArgs, distill_loss, run_teacher, student_rows
+from hypernet.train_d2l import Target, run_teacher, student_rows, topk_kl
 from hypernet.train_t2l import answer_logits
 from loracast import base_model
 from loracast.base_model import BaseModel
@@ -85,17 +85,18 @@ def context_distill(
     steps: int,
     lr: float,
     on_step: Callable[[int, float, Adapter], None] | None = None,
-    fact_weight_cap: float = TrainArgs.fact_weight_cap,
 ) -> tuple[Adapter, float]:
     """Gradient-train one LoRA (spec's modules and rank) so the base model without the document matches the
-    teacher's top-k on the document's questions, with D2L's training loss. Returns it and its training
-    seconds. `on_step(step, seconds_so_far, adapter)` runs after every step, outside the timing."""
+    teacher's top-k on the document's questions. Returns it and its training seconds. `on_step(step,
+    seconds_so_far, adapter)` runs after every step, outside the timing."""
     tok = base.tokenizer
     batch = collate(student_rows(tok, document, targets), tok.pad_token_id or 0)
+    topk_ids = torch.cat([t.topk_ids for t in targets])
+    topk_logprobs = torch.cat([t.topk_logprobs for t in targets])
 
     def loss(step: int) -> torch.Tensor:
         logits, _ = answer_logits(base.model, batch)
-        return distill_loss(logits, targets, fact_weight_cap)
+        return topk_kl(logits, topk_ids, topk_logprobs)
 
     return train_lora(wrappers, spec.r, steps, lr, loss, on_step)
 

@@ -13,14 +13,6 @@ where p_t is the teacher's distribution renormalized over its top-k tokens and q
 softmax (not renormalized), so the student is also pushed to put no mass outside the teacher's top-k.
 It is >= 0 and 0 exactly when q_t equals p_t on the top-k. Only the hypernetwork learns.
 
-Most answer tokens are phrasing the base model predicts without the document ("The magic number of ... is");
-only a few carry the document's facts. Averaged evenly, the loss is mostly phrasing, which a document-
-independent adapter (the learned bias) satisfies: the first checkpoint collapsed to that (cosine 0.82
-between two documents' adapters, bench/d2l_adapter_diversity.py). So each token is weighted by how much
-the document changes it, w_t = 1 + min(cap, KL(p_t || base without the document)_t), computed once with
-the teacher: fact tokens weigh up to 1 + cap, phrasing ~1. Every step also distills all (up to
-`questions_per_doc`) questions of each of its documents, so one document encoding teaches all its facts.
-
 The documents mix generated fictional profiles, composites of several of them (multi-chunk documents with
 facts in every chunk, so chunk combination is trained), reading-comprehension passages from `rc/train`,
 and needle-in-a-haystack documents of one to a few chunks.
@@ -33,7 +25,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -52,7 +44,7 @@ from loracast.lora import LoraSpec, inject, set_adapter, targets_of
 
 Example = tuple[list[int], list[int]]  # token ids, labels (-100 where no loss)
 
-TEACHER_FORMAT = 2  # part of every cache key: bump when what the teacher computes changes
+TEACHER_FORMAT = 1  # part of every cache key: bump when what the teacher computes changes
 
 
 class QALike(Protocol):
@@ -80,18 +72,16 @@ class TrainArgs:
     chunk_scaler: str = "sqrt"
     latent_dim: int = 256
     steps: int = 1000
-    batch_size: int = 4  # documents per step
-    questions_per_doc: int = 8  # a document keeps at most this many questions; each step distills all of them
-    fact_weight_cap: float = 8.0  # w_t = 1 + min(cap, KL(teacher || base without the document)); 0: unweighted
+    batch_size: int = 4
     lr: float = 3e-4
     warmup: int = 30
     top_k: int = 16
-    max_answer_tokens: int = 32
-    fictional: int = 160
-    composites: int = 8  # documents made of `composite_size` fictional ones: several chunks, facts in each
-    composite_size: int = 6
-    passages: int = 140  # of rc/train's
-    needles: int = 20  # per length in needle_chunks
+    max_answer_tokens: int = 48
+    fictional: int = 400
+    composites: int = 60  # documents made of `composite_size` fictional ones: several chunks, facts in each
+    composite_size: int = 8
+    composite_questions: int = 12
+    needles: int = 40  # per length in needle_chunks
     needle_chunks: tuple[int, ...] = (1, 2, 3)
     seed: int = 0
     checkpoint_every: int = 100
@@ -105,18 +95,11 @@ class Target:
     answer_ids: torch.Tensor  # (n,)
     topk_ids: torch.Tensor  # (n, k)
     topk_logprobs: torch.Tensor  # (n, k), the teacher's full-softmax log-probs (renormalized in the loss)
-    doc_kl: torch.Tensor  # (n,), KL(teacher top-k, renormalized || base without the document): what the document adds
-
-
-TEACHER_INSTRUCTION = "Answer the question briefly, using the text above."
 
 
 def teacher_turn(document: str, question: str) -> str:
-    """The teacher's user turn (the in-context reference condition): the document, an instruction to answer
-    briefly from it, then the question. Measured on held-out profiles and needles (8 + 3 documents, 57
-    questions): the answer is contained in the reply 74% of the time with the instruction vs 58% without,
-    and replies are shorter, so more of the distilled tokens carry facts."""
-    return user_turn(question, f"{document}\n\n{TEACHER_INSTRUCTION}")
+    """The teacher's user turn: the document, then the question (the in-context reference condition)."""
+    return user_turn(question, document)
 
 
 @torch.no_grad()
@@ -141,16 +124,8 @@ def run_teacher(base: BaseModel, document: DocumentLike, k: int, max_new_tokens:
         ends = (answers[row] == tok.eos_token_id).nonzero()
         n = int(ends[0]) + 1 if len(ends) else answers.shape[1]  # through the end-of-turn token: learn to stop
         top = logprobs[row, :n].topk(k, dim=-1)
-        targets.append(Target(answers[row, :n].clone(), top.indices, top.values, torch.zeros(n)))
-    # The base model without the document, teacher-forced on the same answers: the student before training.
-    base_logits, _ = answer_logits(base.model, collate(student_rows(tok, document, targets), tok.pad_token_id or 0))
-    doc_kl = topk_kl(
-        base_logits, torch.cat([t.topk_ids for t in targets]), torch.cat([t.topk_logprobs for t in targets]), None
-    )
-    return [
-        replace(t, doc_kl=part.clamp(min=0))
-        for t, part in zip(targets, doc_kl.split([len(t.answer_ids) for t in targets]), strict=True)
-    ]
+        targets.append(Target(answers[row, :n].clone(), top.indices, top.values))
+    return targets
 
 
 class TeacherCache:
@@ -176,12 +151,7 @@ class TeacherCache:
         if path.is_file():
             raw = load_file(path)
             return [
-                Target(
-                    raw[f"{i}.answer_ids"].long(),
-                    raw[f"{i}.topk_ids"].long(),
-                    raw[f"{i}.topk_logprobs"],
-                    raw[f"{i}.doc_kl"],
-                )
+                Target(raw[f"{i}.answer_ids"].long(), raw[f"{i}.topk_ids"].long(), raw[f"{i}.topk_logprobs"])
                 for i in range(len(document.qas))
             ]
         targets = run_teacher(self.base, document, self.k, self.max_new_tokens)
@@ -190,7 +160,6 @@ class TeacherCache:
             tensors[f"{i}.answer_ids"] = t.answer_ids.int()
             tensors[f"{i}.topk_ids"] = t.topk_ids.int()
             tensors[f"{i}.topk_logprobs"] = t.topk_logprobs.contiguous()
-            tensors[f"{i}.doc_kl"] = t.doc_kl.contiguous()
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, tmp)
         tmp.replace(path)
@@ -208,22 +177,11 @@ def student_rows(tok: PreTrainedTokenizerBase, document: DocumentLike, targets: 
     return rows
 
 
-def topk_kl(
-    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, weights: torch.Tensor | None
-) -> torch.Tensor:
-    """KL(teacher top-k, renormalized || student) per answer token (see the module docstring): their mean
-    weighted by `weights`, or, with weights None, the per-token values themselves."""
+def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """Mean over answer tokens of KL(teacher top-k, renormalized || student): see the module docstring."""
     log_q = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, topk_ids)
     log_p = torch.log_softmax(topk_logprobs.float(), dim=-1)
-    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return per_token if weights is None else (weights * per_token).sum() / weights.sum()
-
-
-def distill_loss(student_logits: torch.Tensor, targets: Sequence[Target], fact_weight_cap: float) -> torch.Tensor:
-    """The distillation loss on `targets`' answer tokens, in order: their KL weighted by w_t (module docstring)."""
-    weights = 1 + torch.cat([t.doc_kl for t in targets]).clamp(max=fact_weight_cap)
-    ids = torch.cat([t.topk_ids for t in targets])
-    return topk_kl(student_logits, ids, torch.cat([t.topk_logprobs for t in targets]), weights)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def build_model(spec: LoraSpec, model: torch.nn.Module, args: TrainArgs) -> DocToLoRA:
@@ -244,19 +202,13 @@ def build_model(spec: LoraSpec, model: torch.nn.Module, args: TrainArgs) -> DocT
 
 
 def training_documents(args: TrainArgs, count_tokens: Callable[[str], int]) -> list[DocumentLike]:
-    """The generated and real documents, each keeping at most `questions_per_doc` of its questions (a
-    seeded sample): the teacher's cost is per question."""
-    rng = random.Random(args.seed)
-    docs: list[d2l_data.Document] = list(d2l_data.fictional_documents(args.fictional, args.seed))
+    docs: list[DocumentLike] = list(d2l_data.fictional_documents(args.fictional, args.seed))
     parts = d2l_data.fictional_documents(args.composites * args.composite_size, args.seed + 1)
-    docs += d2l_data.composite_documents(parts, args.composite_size, args.questions_per_doc, args.seed)
-    docs += d2l_data.rc_documents(args.data_dir, "train", args.seed)[: args.passages]
+    docs += d2l_data.composite_documents(parts, args.composite_size, args.composite_questions, args.seed)
+    docs += d2l_data.rc_documents(args.data_dir, "train", args.seed)
     for chunks in args.needle_chunks:
         docs += d2l_data.needle_documents(args.needles, args.seed, chunks * args.chunk_tokens, count_tokens)
-    return [
-        replace(d, qas=tuple(rng.sample(d.qas, args.questions_per_doc))) if len(d.qas) > args.questions_per_doc else d
-        for d in docs
-    ]
+    return docs
 
 
 def documents_hash(documents: Sequence[DocumentLike]) -> str:
@@ -305,17 +257,21 @@ def train(args: TrainArgs, documents: Sequence[DocumentLike] | None = None) -> d
         t_step = time.time()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        # Documents, then all of each one's questions, under that document's adapter.
+        # A document, then one of its questions: passages with one question weigh as much as long profiles.
         docs = [rng.randrange(len(documents)) for _ in range(args.batch_size)]
-        picks = [(i, d, q) for i, d in enumerate(docs) for q in range(len(students[d]))]
-        ids, mask = pad_chunks([c for d in docs for c in doc_chunks[d]], pad_id)
+        picks = [(d, rng.randrange(len(students[d]))) for d in docs]
+        ids, mask = pad_chunks([c for d, _ in picks for c in doc_chunks[d]], pad_id)
         states = encode(base.model, ids, mask, cfg.encoder_layers)  # before the adapter is set: the plain base
-        adapter = hyper(states, mask == 0, [len(doc_chunks[d]) for d in docs])
-        row_doc = torch.tensor([i for i, _, _ in picks])
-        set_adapter(wrappers, {key: (a[row_doc], b[row_doc]) for key, (a, b) in adapter.items()})
-        logits, _ = answer_logits(base.model, collate([students[d][q] for _, d, q in picks], pad_id))
+        adapter = hyper(states, mask == 0, [len(doc_chunks[d]) for d, _ in picks])
+        batch = collate([students[d][q] for d, q in picks], pad_id)
+        set_adapter(wrappers, adapter)
+        logits, _ = answer_logits(base.model, batch)
         set_adapter(wrappers, None)
-        loss = distill_loss(logits, [targets[d][q] for _, d, q in picks], args.fact_weight_cap)
+        loss = topk_kl(
+            logits,
+            torch.cat([targets[d][q].topk_ids for d, q in picks]),
+            torch.cat([targets[d][q].topk_logprobs for d, q in picks]),
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hyper.parameters(), 1.0)

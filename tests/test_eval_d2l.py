@@ -11,7 +11,7 @@ from conftest import write_rc_fixture
 from hypernet import d2l_data
 from hypernet.eval_d2l import CONDITIONS, EvalArgs, Evaluator, context_distill, evaluate, table
 from hypernet.sni_data import collate
-from hypernet.train_d2l import TrainArgs, distill_loss, student_rows
+from hypernet.train_d2l import student_rows, topk_kl
 from hypernet.train_t2l import answer_logits
 from loracast import cli
 from loracast.lora import applied
@@ -68,7 +68,9 @@ def test_context_distillation_moves_the_student_towards_the_teacher(tmp_path, ti
     def kl(adapter) -> float:
         with torch.no_grad(), applied(ev.wrappers, adapter):
             logits, _ = answer_logits(ev.base.model, batch)
-            return distill_loss(logits, targets, TrainArgs.fact_weight_cap).item()
+            return topk_kl(
+                logits, torch.cat([t.topk_ids for t in targets]), torch.cat([t.topk_logprobs for t in targets])
+            ).item()
 
     lora, seconds = context_distill(ev.base, ev.wrappers, ev.generator.spec, doc, targets, steps=10, lr=1e-2)
     assert seconds > 0
