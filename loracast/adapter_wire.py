@@ -187,7 +187,8 @@ def decode(manifest: pb.AdapterManifest, payload: bytes) -> tuple[dict, LoraSpec
     # float32 bytes determine the float16 ones, so a float32 receiver also checks the half of the id it was told:
     # an id whose float16 digest is not this adapter's would let its float16 receivers get other weights.
     if manifest.dtype == pb.FLOAT32:
-        as_fp16 = np.frombuffer(payload, _NUMPY[pb.FLOAT32]).astype(_NUMPY[pb.FLOAT16]).tobytes()
+        with np.errstate(over="ignore"):  # values past float16's range become inf, as `encode` casts them
+            as_fp16 = np.frombuffer(payload, _NUMPY[pb.FLOAT32]).astype(_NUMPY[pb.FLOAT16]).tobytes()
         if hashlib.sha256(as_fp16).hexdigest() != manifest.other_dtype_sha256:
             raise WireError(f"adapter {manifest.adapter_id[:12]}…: its float16 digest is not its float32 payload's")
     spec = LoraSpec(tuple(manifest.target_modules), manifest.rank, manifest.alpha, manifest.use_rslora)
