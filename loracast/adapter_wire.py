@@ -77,6 +77,13 @@ def _canonical(adapter: Adapter) -> list[tuple[str, np.ndarray]]:
     return tensors
 
 
+def _float16_payload(fp32_payload: bytes) -> bytes:
+    """The FLOAT16 encoding of a FLOAT32 payload: what the id's float16 digest is taken over, by sender and receiver
+    alike. Values past float16's range become inf (no warning: an adapter may hold them, and both sides agree)."""
+    with np.errstate(over="ignore"):
+        return np.frombuffer(fp32_payload, _NUMPY[pb.FLOAT32]).astype(_NUMPY[pb.FLOAT16]).tobytes()
+
+
 def content_id(manifest: pb.AdapterManifest) -> str:
     """The id a manifest's config and payload digests give (the module docstring defines it); the digests must be
     hex, as `check_manifest` makes sure. The manifest's own `adapter_id` is not read: a receiver compares the two
@@ -114,7 +121,8 @@ def encode(adapter: Adapter, spec: LoraSpec, metadata: Mapping[str, str], dtype:
     dtype = wire_dtype(dtype)
     tensors = _canonical(adapter)
     # Both encodings are made: the id needs the digest of each, and only one of them is sent.
-    payloads = {d: b"".join(x.astype(np_dtype).tobytes() for _, x in tensors) for d, np_dtype in _NUMPY.items()}
+    fp32 = b"".join(x.astype(_NUMPY[pb.FLOAT32]).tobytes() for _, x in tensors)
+    payloads = {pb.FLOAT32: fp32, pb.FLOAT16: _float16_payload(fp32)}
     itemsize, entries, offset = _NUMPY[dtype].itemsize, [], 0
     for name, x in tensors:
         entries.append(pb.TensorEntry(name=name, shape=x.shape, offset=offset, nbytes=x.size * itemsize))
@@ -186,11 +194,9 @@ def decode(manifest: pb.AdapterManifest, payload: bytes) -> tuple[dict, LoraSpec
         raise WireError(f"adapter {manifest.adapter_id[:12]}…: content does not match its id")
     # float32 bytes determine the float16 ones, so a float32 receiver also checks the half of the id it was told:
     # an id whose float16 digest is not this adapter's would let its float16 receivers get other weights.
-    if manifest.dtype == pb.FLOAT32:
-        with np.errstate(over="ignore"):  # values past float16's range become inf, as `encode` casts them
-            as_fp16 = np.frombuffer(payload, _NUMPY[pb.FLOAT32]).astype(_NUMPY[pb.FLOAT16]).tobytes()
-        if hashlib.sha256(as_fp16).hexdigest() != manifest.other_dtype_sha256:
-            raise WireError(f"adapter {manifest.adapter_id[:12]}…: its float16 digest is not its float32 payload's")
+    fp16_digest = manifest.other_dtype_sha256
+    if manifest.dtype == pb.FLOAT32 and hashlib.sha256(_float16_payload(payload)).hexdigest() != fp16_digest:
+        raise WireError(f"adapter {manifest.adapter_id[:12]}…: its float16 digest is not its float32 payload's")
     spec = LoraSpec(tuple(manifest.target_modules), manifest.rank, manifest.alpha, manifest.use_rslora)
     np_dtype = _NUMPY[manifest.dtype]
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
