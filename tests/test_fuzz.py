@@ -1000,7 +1000,11 @@ def consistent_wires(draw: st.DrawFn) -> adapter_wire.WireAdapter:
         tensors=entries,
         total_size=len(payload),
         payload_sha256=hashlib.sha256(payload).hexdigest(),
-        other_dtype_sha256=draw(st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
+        # A float32 receiver recomputes the float16 digest, so only the true one lets such a wire be accepted;
+        # a float16 receiver cannot, and any digest does (the id vouches for it).
+        other_dtype_sha256=hashlib.sha256(adapter_wire._float16_payload(payload)).hexdigest()
+        if dtype == pb.FLOAT32
+        else draw(st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
     )
     if draw(st.sampled_from([True, True, True, False])):
         manifest.adapter_id = adapter_wire.content_id(manifest)
