@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from loracast.paths import DEFAULT_BASE  # torch-free, like everything imported at this level
+from loracast.server_flags import add_security_flags
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -17,14 +18,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from coordinator.server import CoordinatorConfig, default_cache_dir, start
     from hypernet.checkpoint import DEFAULT_D2L, DEFAULT_T2L
-    from loracast.grpc_common import ConfigError, ServerSecurity, read_token_file, wait_for_signal
+    from loracast.grpc_common import ConfigError, wait_for_signal
+    from loracast.server_flags import server_security
 
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None
 
-    tokens = frozenset(args.token)
-    if args.token_file:
-        tokens |= read_token_file(Path(args.token_file))
     config = CoordinatorConfig(
         cache_dir=path(args.cache_dir) or default_cache_dir(),
         listen=args.listen,
@@ -35,9 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_concurrent=args.max_concurrent,
         max_document_bytes=round(args.max_document_mb * 2**20),
         cache_capacity_bytes=round(args.capacity_mb * 2**20),
-        security=ServerSecurity(
-            tls_cert=path(args.tls_cert), tls_key=path(args.tls_key), client_ca=path(args.client_ca), tokens=tokens
-        ),
+        security=server_security(args),
     )
     try:
         running = start(config)
@@ -62,9 +59,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--base", default=DEFAULT_BASE, help="'smollm2' or a Hugging Face model directory")
     s.add_argument("--max-concurrent", type=int, default=2, help="generations in flight; more get RESOURCE_EXHAUSTED")
     s.add_argument("--max-document-mb", type=float, default=1.0, help="the largest document InternalizeDocument takes")
-    s.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
-    s.add_argument("--tls-key", help="the certificate's private key (PEM)")
-    s.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS)")
-    s.add_argument("--token", action="append", default=[], help="accepted bearer token (repeatable; see --token-file)")
-    s.add_argument("--token-file", help="file of accepted bearer tokens, one a line (keeps them off the command line)")
+    add_security_flags(s)
     s.set_defaults(func=cmd_serve)

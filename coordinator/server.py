@@ -21,12 +21,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Protocol
 
 import grpc
-from grpc_health.v1 import health
 
 from coordinator import metrics
 from coordinator.adapter_cache import AdapterCache, CacheError, NotCached, source_key
@@ -38,12 +36,12 @@ from loracast.adapter_wire import WireError
 from loracast.grpc_common import (
     ConfigError,
     MalformedRequest,
+    RunningServer,
     ServerSecurity,
     check_listen,
     create_server,
     retry_later,
-    start_metrics,
-    start_serving,
+    serve,
     streamed,
 )
 from loracast.lora_spec import LoraSpec
@@ -325,27 +323,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
 
 @dataclass
-class RunningCoordinator:
-    server: grpc.Server
-    health: health.HealthServicer
+class RunningCoordinator(RunningServer):
     servicer: CoordinatorServicer
     cache: AdapterCache
-    host: str
-    port: int
-    metrics_port: int | None
-    metrics_server: ThreadingHTTPServer | None
 
-    def ready_line(self) -> str:
-        metrics_url = f"http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port is not None else "off"
-        return f"loracast coordinator ready: grpc={self.host}:{self.port} metrics={metrics_url}"
-
-    def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let calls in flight finish for `grace` seconds, then release ports and the cache."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-            self.metrics_server.server_close()
+    def release(self) -> None:
         self.cache.close()
 
 
@@ -413,17 +395,12 @@ def start(
     server = create_server(metrics.COMPONENT, config.security, max_workers=config.max_concurrent + 8)
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     try:
-        port, health_servicer = start_serving(server, config.listen, config.security, [SERVICE])
+        port, health_servicer, metrics_server = serve(
+            server, config.listen, config.security, [SERVICE], host, config.metrics_port
+        )
     except ConfigError:
         cache.close()
         raise
-    metrics_server, metrics_port = None, None
-    if config.metrics_port is not None:
-        try:
-            metrics_server = start_metrics(config.metrics_port, host)
-        except ConfigError:
-            server.stop(None)
-            cache.close()
-            raise
-        metrics_port = metrics_server.server_port
-    return RunningCoordinator(server, health_servicer, servicer, cache, host, port, metrics_port, metrics_server)
+    return RunningCoordinator(
+        metrics.COMPONENT, server, health_servicer, host, port, metrics_server, servicer=servicer, cache=cache
+    )

@@ -297,6 +297,60 @@ def read_token_file(path: Path) -> frozenset[str]:
     return tokens
 
 
+@dataclass
+class RunningServer:
+    """A started server: gRPC with health on `port`, Prometheus /metrics on `metrics_port` (None: off).
+
+    The coordinator and the worker extend it with what they hold; `release` frees that after the server stopped.
+    """
+
+    component: str
+    server: grpc.Server
+    health: health.HealthServicer
+    host: str
+    port: int
+    metrics_server: ThreadingHTTPServer | None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_server is None else self.metrics_server.server_port
+
+    def ready_line(self) -> str:
+        metrics_url = f"http://{self.host}:{self.metrics_port}/metrics" if self.metrics_server is not None else "off"
+        return f"loracast {self.component} ready: grpc={self.host}:{self.port} metrics={metrics_url}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let calls in flight finish for `grace` seconds, then release ports and resources."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+        self.release()
+
+    def release(self) -> None:
+        """What the component holds beyond its ports (a cache, a channel)."""
+
+
+def serve(
+    server: grpc.Server,
+    listen: str,
+    security: ServerSecurity,
+    service_names: Iterable[str],
+    host: str,
+    metrics_port: int | None,
+) -> tuple[int, health.HealthServicer, ThreadingHTTPServer | None]:
+    """`start_serving`, then /metrics on `metrics_port` of `host` (None: none); a failure leaves nothing running."""
+    port, health_servicer = start_serving(server, listen, security, service_names)
+    if metrics_port is None:
+        return port, health_servicer, None
+    try:
+        return port, health_servicer, start_metrics(metrics_port, host)
+    except ConfigError:
+        server.stop(None)
+        raise
+
+
 def start_serving(
     server: grpc.Server, listen: str, security: ServerSecurity, service_names: Iterable[str]
 ) -> tuple[int, health.HealthServicer]:

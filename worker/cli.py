@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from loracast.server_flags import add_security_flags
+
 
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
@@ -22,21 +24,16 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from loracast.grpc_common import ClientSecurity, ConfigError, ServerSecurity, read_token_file, wait_for_signal
+    from loracast.grpc_common import ClientSecurity, ConfigError, read_token_file, wait_for_signal
+    from loracast.server_flags import server_security
     from worker.server import WorkerConfig, start
 
-    tokens = set(args.token) | (read_token_file(Path(args.token_file)) if args.token_file else set())
     coordinator_token = args.coordinator_token
     if args.coordinator_token_file:
         coordinator_token, *more = read_token_file(Path(args.coordinator_token_file))
         if more:
             raise ConfigError(f"{args.coordinator_token_file} holds {1 + len(more)} tokens: a client sends one")
-    security = ServerSecurity(
-        tls_cert=_path(args.tls_cert),
-        tls_key=_path(args.tls_key),
-        client_ca=_path(args.client_ca),
-        tokens=frozenset(tokens),
-    )
+    security = server_security(args)
     coordinator_security = ClientSecurity(
         tls_ca=_path(args.coordinator_ca),
         client_cert=_path(args.coordinator_cert),
@@ -127,11 +124,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "accuracy_level 4). Measured on smollm2: perplexity +0.66%%, 96%% of next-token argmaxes and 15%% of "
         "128-token greedy tokens same as exact (first divergence ~10-30 tokens). Default: exact float32 activations",
     )
-    s.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
-    s.add_argument("--tls-key", help="the certificate's private key (PEM)")
-    s.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS)")
-    s.add_argument("--token", action="append", default=[], help="accepted bearer token (repeatable)")
-    s.add_argument("--token-file", help="file of accepted bearer tokens, one a line")
+    add_security_flags(s)
     s.add_argument("--coordinator-ca", help="connect to the coordinator with TLS, trusting this CA")
     s.add_argument("--coordinator-cert", help="client certificate for the coordinator (mutual TLS)")
     s.add_argument("--coordinator-key", help="the client certificate's private key")

@@ -27,24 +27,22 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health
 
 from loracast import adapter_wire
 from loracast.grpc_common import (
     RETRY_AFTER_MS,
     ClientSecurity,
     ConfigError,
+    RunningServer,
     ServerSecurity,
     check_listen,
     create_server,
     open_channel,
     retry_later,
-    start_metrics,
-    start_serving,
+    serve,
 )
 from loracast.paths import DEFAULT_BASE
 from loracast.v1 import loracast_pb2 as pb
@@ -384,27 +382,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
 
 @dataclass
-class RunningWorker:
-    server: grpc.Server
-    health: health.HealthServicer
+class RunningWorker(RunningServer):
     servicer: WorkerServicer
     channel: grpc.Channel | None
-    host: str
-    port: int
-    metrics_port: int | None
-    metrics_server: ThreadingHTTPServer | None
 
-    def ready_line(self) -> str:
-        metrics_url = f"http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port is not None else "off"
-        return f"loracast worker ready: grpc={self.host}:{self.port} metrics={metrics_url}"
-
-    def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let calls in flight finish for `grace` seconds, then release ports and channels."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-            self.metrics_server.server_close()
+    def release(self) -> None:
         if self.channel is not None:
             self.channel.close()
 
@@ -436,13 +418,9 @@ def start(config: WorkerConfig) -> RunningWorker:
     # Threads beyond the generation slots answer ListAdapters, Prefetch and refusals while generations run.
     server = create_server(COMPONENT, config.security, max_workers=config.max_concurrent + 8)
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
-    port, health_servicer = start_serving(server, config.listen, config.security, [SERVICE])
-    metrics_server, metrics_port = None, None
-    if config.metrics_port is not None:
-        try:
-            metrics_server = start_metrics(config.metrics_port, host)
-        except ConfigError:
-            server.stop(None)
-            raise
-        metrics_port = metrics_server.server_port
-    return RunningWorker(server, health_servicer, servicer, channel, host, port, metrics_port, metrics_server)
+    port, health_servicer, metrics_server = serve(
+        server, config.listen, config.security, [SERVICE], host, config.metrics_port
+    )
+    return RunningWorker(
+        COMPONENT, server, health_servicer, host, port, metrics_server, servicer=servicer, channel=channel
+    )
