@@ -3,6 +3,11 @@
 Each step draws examples from random training tasks; every example gets the adapter the
 hypernetwork generates from (a variant of) its task's description, and the loss is the base
 model's cross-entropy on the answer tokens. Only the hypernetwork learns.
+
+Contrast (T2L with `contrast` > 0): the first `contrast_rows` examples of a step also run with the
+adapter of another training task's description, and each adds contrast * relu(margin - (CE_other -
+CE_own)) to the loss: an adapter must do its own task better than another task's adapter does it, so
+the description has to matter (what the evaluation's control (e) measures).
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ class TrainArgs:
     max_len: int = 128
     variants: int = 8
     embed_noise: float = 0.02
+    contrast: float = 0.0
+    contrast_rows: int = 4
+    contrast_margin: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
     threads: int | None = None
@@ -74,6 +82,15 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
 def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy on answer tokens."""
     return torch.nn.functional.cross_entropy(*answer_logits(model, batch))
+
+
+def example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy on answer tokens, averaged per example: (batch,)."""
+    logits, targets = answer_logits(model, batch)
+    rows = (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
+    token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    n = batch["labels"].shape[0]
+    return torch.zeros(n).index_add(0, rows, token) / torch.bincount(rows, minlength=n).clamp(min=1)
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -126,17 +143,31 @@ def train(args: TrainArgs) -> dict:
         for ti in picks:
             examples.append(rng.choice(encoded[ti]))
             embs.append(variant_emb[ti][rng.randrange(args.variants)])
+        contrasted = picks[: args.contrast_rows] if args.contrast > 0 and args.kind == "t2l" else []
+        for row, ti in enumerate(contrasted):  # the same example again, under another task's adapter
+            other = rng.randrange(len(tasks) - 1)
+            other += other >= ti
+            examples.append(examples[row])
+            embs.append(variant_emb[other][rng.randrange(args.variants)])
         batch = collate(examples, tok.pad_token_id or 0)
         emb = torch.stack(embs)
         emb = emb + args.embed_noise * torch.randn_like(emb)
         set_adapter(wrappers, hyper(emb))
-        loss = answer_loss(base.model, batch)
+        if contrasted:
+            ce = example_losses(base.model, batch)
+            own, other_ce = ce[: args.batch_size], ce[args.batch_size :]
+            gap = other_ce - own[: len(contrasted)]
+            loss = own.mean() + args.contrast * torch.relu(args.contrast_margin - gap).mean()
+        else:
+            loss = answer_loss(base.model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hyper.parameters(), 1.0)
         opt.step()
         set_adapter(wrappers, None)
         log.append({"step": step + 1, "loss": round(loss.item(), 4)})
+        if contrasted:  # how much worse another task's adapter does these examples
+            log[-1]["contrast_gap"] = round(gap.mean().item(), 4)
         recent = [e["loss"] for e in log[-50:]]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:

@@ -102,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         from hypernet.train_t2l import TrainArgs, train
 
-        given["encoder"] = args.encoder
+        given.update(encoder=args.encoder, contrast=args.contrast)
         targs = TrainArgs(kind=args.kind, **common, **{k: v for k, v in given.items() if v is not None})
     meta = train(targs)
     print(f"wrote {targs.out}: final loss {meta['final_loss_50']:.3f}, {meta['wall_s_this_run']} s this run")
@@ -295,6 +295,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="default: 800 (d2l: 1000)")
     t.add_argument("--batch-size", type=int, help="default: 8 (d2l: 4)")
     t.add_argument("--lr", type=float, help="default: 3e-4")
+    t.add_argument(
+        "--contrast",
+        type=float,
+        help="t2l: weight of the contrast term (an adapter must beat another task's adapter on its own examples)",
+    )
     t.add_argument("--chunk-tokens", type=int, help="d2l: document tokens per chunk (default: 256)")
     t.add_argument("--chunk-scaler", choices=["none", "sqrt", "linear"], help="d2l: chunk B scale (default: sqrt)")
     t.add_argument("--seed", type=int, default=0)

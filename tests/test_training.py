@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hypernet import checkpoint
-from hypernet.sni_data import data_hash
-from hypernet.train_t2l import TrainArgs, train
+from hypernet.sni_data import collate, data_hash, encode_example, user_turn
+from hypernet.train_t2l import TrainArgs, answer_loss, example_losses, train
 
 
 def _args(tmp_path, tiny_base_dir, tiny_data_dir, name: str, steps: int, kind: str = "t2l") -> TrainArgs:
@@ -61,3 +61,28 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
         checkpoint.load(bad)
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         checkpoint.load(tmp_path / "missing.safetensors")
+
+
+def test_example_losses_are_each_rows_own_answer_loss(tiny_base):
+    tok = tiny_base.tokenizer
+    examples = [
+        encode_example(tok, user_turn("one two three"), "four", 64),
+        encode_example(tok, user_turn("a"), "a much longer answer than the other one", 64),
+        encode_example(tok, user_turn("x y"), "z", 64),
+    ]
+    pad = tok.pad_token_id or 0
+    with torch.no_grad():
+        per_row = example_losses(tiny_base.model, collate(examples, pad))
+        alone = [answer_loss(tiny_base.model, collate([e], pad)).item() for e in examples]
+    assert per_row.tolist() == pytest.approx(alone, abs=1e-5)
+    assert len(set(round(v, 4) for v in alone)) == 3  # the rows differ, so a mix-up of rows would show
+
+
+def test_contrast_trains_adapters_apart_and_is_recorded(tmp_path, tiny_base_dir, tiny_data_dir):
+    args = _args(tmp_path, tiny_base_dir, tiny_data_dir, "contrast", 12)
+    args.lr, args.contrast, args.contrast_rows = 1e-2, 1.0, 2
+    meta = train(args)
+    gaps = [e["contrast_gap"] for e in _log(args)]
+    assert len(gaps) == 12 and gaps[0] == pytest.approx(0.0, abs=1e-6)  # B starts at zero: one adapter for all
+    assert max(gaps[-3:]) > 0  # another task's adapter ends up doing this task worse
+    assert meta["train_args"]["contrast"] == 1.0
