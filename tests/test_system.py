@@ -18,6 +18,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -391,9 +392,25 @@ def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
             if not any(math.isfinite(v) for v in _series_with_values(prometheus, expr))
         ]
 
-    deadline = time.monotonic() + 15.0
-    while (no_number := without_number()) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    def polled_without_number() -> list[tuple[str, str]]:
+        deadline = time.monotonic() + 15.0
+        while (missing := without_number()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return missing
+
+    if polled_without_number():
+        # Seen in about 1 of 5 full CI runs: Prometheus 2.42's stored history then starts after the second round
+        # (every series flat at its final value) although its queries had shown the first round between the
+        # rounds, so no rate has an increase to show. One more round after a scrape gives the stored history one.
+        warnings.warn(
+            f"no rate in Prometheus's history after two rounds; raw samples: {_raw_samples(prometheus)}", stacklevel=1
+        )
+        with EdgeClient(worker_ready["grpc"]) as client:  # new descriptions: generated, streamed and applied anew
+            client.ask("[7, 8, 9]", task=f"{TASK} Keep the order.", max_new_tokens=4)
+            client.ask("dog", task=f"{OTHER_TASK} One word.", max_new_tokens=4, mode="merged")
+        scraped_after(time.time())
+        scraped_after(time.time())
+    no_number = polled_without_number()
     assert no_number == [], f"dashboard queries whose every series is NaN; raw samples: {_raw_samples(prometheus)}"
 
     for process in (worker, coordinator):
