@@ -8,28 +8,23 @@ from __future__ import annotations
 import argparse
 
 from loracast.paths import DEFAULT_BASE  # torch-free, like everything imported at this level
-from loracast.server_flags import add_security_flags
+from loracast.server_flags import add_security_flags, optional_path
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Configuration errors raise a UserError (ConfigError, CheckpointError, ...): `loracast` prints it as one line
     and exits with status 2."""
-    from pathlib import Path
-
     from coordinator.server import CoordinatorConfig, default_cache_dir, start
     from hypernet.checkpoint import DEFAULT_D2L, DEFAULT_T2L
     from loracast.grpc_common import ConfigError, wait_for_signal
     from loracast.server_flags import server_security
 
-    def path(value: str | None) -> Path | None:
-        return Path(value) if value else None
-
     config = CoordinatorConfig(
-        cache_dir=path(args.cache_dir) or default_cache_dir(),
+        cache_dir=optional_path(args.cache_dir) or default_cache_dir(),
         listen=args.listen,
         metrics_port=args.metrics_port,
-        t2l_checkpoint=path(args.checkpoint) or DEFAULT_T2L,
-        d2l_checkpoint=path(args.d2l_checkpoint) or DEFAULT_D2L,
+        t2l_checkpoint=optional_path(args.checkpoint) or DEFAULT_T2L,
+        d2l_checkpoint=optional_path(args.d2l_checkpoint) or DEFAULT_D2L,
         base=args.base,
         max_concurrent=args.max_concurrent,
         max_document_bytes=round(args.max_document_mb * 2**20),

@@ -1,4 +1,4 @@
-"""The security flags both servers take (`coordinator serve`, `worker serve`), defined once with their meaning.
+"""The flags both servers take (`coordinator serve`, `worker serve`), defined once with their meaning.
 
 Imports nothing heavy at module level: the CLI builds its parsers on every start.
 """
@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from loracast.grpc_common import ServerSecurity
+
+
+def optional_path(value: str | None) -> Path | None:
+    """A flag's path, or None when the flag was not given."""
+    return Path(value) if value else None
 
 
 def add_security_flags(parser: argparse.ArgumentParser) -> None:
@@ -30,10 +35,9 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
     from loracast.grpc_common import ServerSecurity, read_token_file
 
     tokens = frozenset(args.token) | (read_token_file(Path(args.token_file)) if args.token_file else frozenset())
-
-    def path(value: str | None) -> Path | None:
-        return Path(value) if value else None
-
     return ServerSecurity(
-        tls_cert=path(args.tls_cert), tls_key=path(args.tls_key), client_ca=path(args.client_ca), tokens=tokens
+        tls_cert=optional_path(args.tls_cert),
+        tls_key=optional_path(args.tls_key),
+        client_ca=optional_path(args.client_ca),
+        tokens=tokens,
     )

@@ -10,11 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loracast.server_flags import add_security_flags
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
+from loracast.server_flags import add_security_flags, optional_path
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
@@ -35,9 +31,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"{args.coordinator_token_file} holds {1 + len(more)} tokens: a client sends one")
     security = server_security(args)
     coordinator_security = ClientSecurity(
-        tls_ca=_path(args.coordinator_ca),
-        client_cert=_path(args.coordinator_cert),
-        client_key=_path(args.coordinator_key),
+        tls_ca=optional_path(args.coordinator_ca),
+        client_cert=optional_path(args.coordinator_cert),
+        client_key=optional_path(args.coordinator_key),
         token=coordinator_token,
     )
     config = WorkerConfig(
@@ -48,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         metrics_port=args.metrics_port,
         capacity_bytes=int(args.capacity_mb * 2**20),
         base=args.base,
-        model_dir=_path(args.model),
+        model_dir=optional_path(args.model),
         max_new_tokens=args.max_new_tokens,
         max_concurrent=args.max_concurrent,
         intra_op_threads=args.threads,

@@ -52,7 +52,6 @@ from worker.adapter_store import AdapterStore, ChunkSource, Resident, StoreError
 from worker.chat import ChatTokenizer
 from worker.onnx_session import OnnxDecoder
 
-COMPONENT = "worker"
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 DOCUMENT_CHUNK = 64 * 1024  # bytes per DocumentChunk sent to the coordinator
 BUSY_RETRY_MS = 500  # what a refused client is told to wait: roughly one short generation
@@ -416,11 +415,11 @@ def start(config: WorkerConfig) -> RunningWorker:
     store = AdapterStore(config.cache_dir, config.capacity_bytes, decoder.fingerprint)
     servicer = WorkerServicer(config, decoder, tokenizer, store, channel)
     # Threads beyond the generation slots answer ListAdapters, Prefetch and refusals while generations run.
-    server = create_server(COMPONENT, config.security, max_workers=config.max_concurrent + 8)
+    server = create_server(metrics.COMPONENT, config.security, max_workers=config.max_concurrent + 8)
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     port, health_servicer, metrics_server = serve(
         server, config.listen, config.security, [SERVICE], host, config.metrics_port
     )
     return RunningWorker(
-        COMPONENT, server, health_servicer, host, port, metrics_server, servicer=servicer, channel=channel
+        metrics.COMPONENT, server, health_servicer, host, port, metrics_server, servicer=servicer, channel=channel
     )
