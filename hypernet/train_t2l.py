@@ -7,7 +7,8 @@ model's cross-entropy on the answer tokens. Only the hypernetwork learns.
 Contrast (T2L with `contrast` > 0): the first `contrast_rows` examples of a step also run with the
 adapter of another training task's description, and each adds contrast * relu(margin - (CE_other -
 CE_own)) to the loss: an adapter must do its own task better than another task's adapter does it, so
-the description has to matter (what the evaluation's control (e) measures).
+the description has to matter (what the evaluation's control (e) measures). With contrast, the own-task
+term is the mean of per-example answer losses (without, the mean over all answer tokens).
 """
 
 from __future__ import annotations
