@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from loracast.plots import figure
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MILESTONES = (1, 10, 100)
 
@@ -190,23 +192,15 @@ def compare(internal: dict, adapter: dict, context: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     curves = result["comparison"]["curves"]
     n = range(1, len(curves["adapter_s"]) + 1)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(n, curves["in_context_s"], label="document in the prompt")
-    ax.plot(n, curves["adapter_s"], label="D2L adapter (incl. internalize + merge)")
-    ax.set_xlabel("questions asked about the document")
-    ax.set_ylabel("cumulative seconds")
-    ax.set_title(f"~{result['document_tokens']}-token document, {result['new_tokens']} tokens per answer")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(6, 4)) as ax:
+        ax.plot(n, curves["in_context_s"], label="document in the prompt")
+        ax.plot(n, curves["adapter_s"], label="D2L adapter (incl. internalize + merge)")
+        ax.set_xlabel("questions asked about the document")
+        ax.set_ylabel("cumulative seconds")
+        ax.set_title(f"~{result['document_tokens']}-token document, {result['new_tokens']} tokens per answer")
+        ax.legend()
 
 
 def table(result: dict) -> str:

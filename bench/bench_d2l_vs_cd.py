@@ -21,6 +21,7 @@ from pathlib import Path
 from hypernet.eval_d2l import EvalArgs, Evaluator
 from hypernet.sni_data import default_data_dir
 from loracast.paths import write_json
+from loracast.plots import figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,24 +62,18 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for length, r in result["lengths"].items():
-        curve = r["cd_curve"]
-        line = ax.plot([p["train_s"] for p in curve], [p["rougeL"] for p in curve], marker="o", label=f"CD, {length}")
-        ax.scatter([r["d2l_internalize_s_median"]], [r["d2l_rougeL"]], marker="*", s=160, color=line[0].get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("seconds (CD: training only; star: D2L internalization)")
-    ax.set_ylabel("ROUGE-L")
-    ax.set_title("Doc-to-LoRA vs context distillation, by document tokens")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(7, 4.5), dpi=120) as ax:
+        for length, r in result["lengths"].items():
+            curve = r["cd_curve"]
+            line = ax.plot(
+                [p["train_s"] for p in curve], [p["rougeL"] for p in curve], marker="o", label=f"CD, {length}"
+            )
+            ax.scatter([r["d2l_internalize_s_median"]], [r["d2l_rougeL"]], marker="*", s=160, color=line[0].get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds (CD: training only; star: D2L internalization)")
+        ax.set_ylabel("ROUGE-L")
+        ax.set_title("Doc-to-LoRA vs context distillation, by document tokens")
+        ax.legend()
 
 
 def parser() -> argparse.ArgumentParser:

@@ -57,6 +57,8 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime as ort
 import torch
+from bench_d2l_answering import PeakRss, rss_mb, the_document
+from bench_worker_decode import PROMPTS, _random_adapter, _timed
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
@@ -68,15 +70,11 @@ from hypernet.t2l import T2LConfig, TextToLoRA
 from loracast import adapter_wire, base_model
 from loracast.adapter_format import META_FINGERPRINT, as_float32
 from loracast.lora_spec import ATTN_MODULES, MLP_MODULES, LoraSpec
+from loracast.plots import figure
 from loracast.v1 import loracast_pb2 as pb
 from worker import model_cache, onnx_io
 from worker.chat import ChatTokenizer
 from worker.onnx_session import Adapter, OnnxDecoder
-
-# The sibling benchmarks are scripts, not a package: make them importable however this file is loaded.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_d2l_answering import PeakRss, rss_mb, the_document
-from bench_worker_decode import PROMPTS, _random_adapter, _timed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RANKS = "2,4,8,16,32,64"
@@ -367,85 +365,78 @@ def _label(modules: Sequence[str]) -> str:
 
 
 def plot_rank(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(_label(row["modules"]), []).append(row)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    panels = [
-        ("wire bytes (fp16)", lambda r: r["wire_bytes"], True),
-        ("encode + stream + decode/verify ms", lambda r: r["encode_ms"] + r["stream_ms"] + r["decode_verify_ms"], True),
-        ("hot-swap set_adapter ms", lambda r: r.get("hot_swap_ms"), False),
-        ("merged session build s", lambda r: r["merged_build_s"], False),
-        ("T2L hypernetwork ms", lambda r: r["t2l_ms"], True),
-    ]
-    flat = axes.ravel()
-    for ax, (title, value, log) in zip(flat, panels, strict=False):
-        for label, group in groups.items():
-            points = [(r["r"], value(r)) for r in group if value(r) is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=label)
-        ax.set_title(title)
-        if log:
-            ax.set_yscale("log")
-    ax = flat[5]
-    for i, (label, group) in enumerate(groups.items()):
-        color = f"C{i}"
-        ranks = [r["r"] for r in group]
-        ax.plot(
-            ranks, [r["decode_tok_s"]["merged"] for r in group], "--", marker="s", color=color, label=f"{label} merged"
-        )
-        hot = [(r["r"], r["decode_tok_s"]["hot_swap"]) for r in group if "hot_swap" in r["decode_tok_s"]]
-        if hot:
-            ax.plot(*zip(*hot, strict=True), "-", marker="o", color=color, label=f"{label} hot-swap")
-        ax.plot(ranks, [r["decode_tok_s"]["base"] for r in group], ":", color="gray", alpha=0.6)
-    ax.plot([], [], ":", color="gray", label="base (no adapter)")
-    ax.set_title("decode tokens/s")
-    for ax in flat:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("rank r")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 2, 3, figsize=(15, 8)) as axes:
+        panels = [
+            ("wire bytes (fp16)", lambda r: r["wire_bytes"], True),
+            (
+                "encode + stream + decode/verify ms",
+                lambda r: r["encode_ms"] + r["stream_ms"] + r["decode_verify_ms"],
+                True,
+            ),
+            ("hot-swap set_adapter ms", lambda r: r.get("hot_swap_ms"), False),
+            ("merged session build s", lambda r: r["merged_build_s"], False),
+            ("T2L hypernetwork ms", lambda r: r["t2l_ms"], True),
+        ]
+        flat = axes.ravel()
+        for ax, (title, value, log) in zip(flat, panels, strict=False):
+            for label, group in groups.items():
+                points = [(r["r"], value(r)) for r in group if value(r) is not None]
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=label)
+            ax.set_title(title)
+            if log:
+                ax.set_yscale("log")
+        ax = flat[5]
+        for i, (label, group) in enumerate(groups.items()):
+            color = f"C{i}"
+            ranks = [r["r"] for r in group]
+            ax.plot(
+                ranks,
+                [r["decode_tok_s"]["merged"] for r in group],
+                "--",
+                marker="s",
+                color=color,
+                label=f"{label} merged",
+            )
+            hot = [(r["r"], r["decode_tok_s"]["hot_swap"]) for r in group if "hot_swap" in r["decode_tok_s"]]
+            if hot:
+                ax.plot(*zip(*hot, strict=True), "-", marker="o", color=color, label=f"{label} hot-swap")
+            ax.plot(ranks, [r["decode_tok_s"]["base"] for r in group], ":", color="gray", alpha=0.6)
+        ax.plot([], [], ":", color="gray", label="base (no adapter)")
+        ax.set_title("decode tokens/s")
+        for ax in flat:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("rank r")
+            ax.legend(fontsize=7)
 
 
 def plot_document(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x = [r["doc_tokens"] for r in rows]
-    fig, (ax, mem) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax.plot(x, [r["internalize_s"] for r in rows], marker="o", label="D2L internalize")
-    ax.plot(x, [r["in_context"]["first_token_s"] for r in rows], marker="o", label="first token, document in prompt")
-    ax.plot(x, [r["adapter"]["first_token_s"] for r in rows], marker="o", label="first token, adapter (merged)")
-    ax.plot(x, [r["merged_build_s"] for r in rows], ":", marker=".", label="merged session build")
-    ax.set_ylabel("seconds")
-    ax.set_yscale("log")
-    ax.set_title("time vs document length")
-    mem.plot(x, [r["in_context"]["kv_cache_mb"] for r in rows], marker="o", label="KV cache, document in prompt")
-    mem.plot(x, [r["adapter"]["kv_cache_mb"] for r in rows], marker="o", label="KV cache, adapter")
-    mem.plot(x, [r["in_context"]["peak_rss_growth_mb"] for r in rows], "--", label="peak RSS growth, in prompt")
-    mem.plot(x, [r["adapter"]["peak_rss_growth_mb"] for r in rows], "--", label="peak RSS growth, adapter")
-    mem.plot(x, [r["merged_rss_growth_mb"] for r in rows], ":", marker=".", label="merged session (adapter)")
-    mem.set_ylabel("MB")
-    mem.set_yscale("log")
-    mem.set_title("memory vs document length")
-    for a in (ax, mem):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("document tokens")
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(12, 4.5)) as (ax, mem):
+        ax.plot(x, [r["internalize_s"] for r in rows], marker="o", label="D2L internalize")
+        ax.plot(
+            x, [r["in_context"]["first_token_s"] for r in rows], marker="o", label="first token, document in prompt"
+        )
+        ax.plot(x, [r["adapter"]["first_token_s"] for r in rows], marker="o", label="first token, adapter (merged)")
+        ax.plot(x, [r["merged_build_s"] for r in rows], ":", marker=".", label="merged session build")
+        ax.set_ylabel("seconds")
+        ax.set_yscale("log")
+        ax.set_title("time vs document length")
+        mem.plot(x, [r["in_context"]["kv_cache_mb"] for r in rows], marker="o", label="KV cache, document in prompt")
+        mem.plot(x, [r["adapter"]["kv_cache_mb"] for r in rows], marker="o", label="KV cache, adapter")
+        mem.plot(x, [r["in_context"]["peak_rss_growth_mb"] for r in rows], "--", label="peak RSS growth, in prompt")
+        mem.plot(x, [r["adapter"]["peak_rss_growth_mb"] for r in rows], "--", label="peak RSS growth, adapter")
+        mem.plot(x, [r["merged_rss_growth_mb"] for r in rows], ":", marker=".", label="merged session (adapter)")
+        mem.set_ylabel("MB")
+        mem.set_yscale("log")
+        mem.set_title("memory vs document length")
+        for a in (ax, mem):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("document tokens")
+            a.legend(fontsize=8)
 
 
 def rank_table(rows: list[dict[str, Any]]) -> str:

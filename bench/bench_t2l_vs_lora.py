@@ -68,6 +68,7 @@ from loracast import base_model
 from loracast.base_model import BaseModel
 from loracast.lora import LoRALinear, LoraSpec, inject, train_lora
 from loracast.paths import write_json
+from loracast.plots import figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EVAL_T2L = RESULTS / "eval_t2l.json"
@@ -304,34 +305,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Per task: the LoRA's ROUGE-L against its training seconds (log x), T2L's score and generation time."""
-    import matplotlib  # a dev extra: only the plot needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = result["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 4.0), squeeze=False)
-    for ax, t in zip(axes[0], tasks, strict=True):
-        trained = [p for p in t["lora_curve"] if p["step"] > 0]  # step 0 has no place on a log axis
-        ax.plot([p["train_s"] for p in trained], [p["rougeL"] for p in trained], "o-", label="ordinary LoRA (training)")
-        ax.axhline(t["lora_curve"][0]["rougeL"], color="grey", ls=":", label="base model (LoRA step 0)")
-        ax.axhline(t["t2l"]["rougeL"], color="C1", label="T2L score (in-distribution)")
-        if "conservative" in t:
-            ax.axhline(t["conservative"]["target_rougeL"], color="C2", ls="--", label="T2L mean on unseen dev tasks")
-        ax.plot(
-            t["t2l"]["generate_ms_median"] / 1000, t["t2l"]["rougeL"], "*", color="C1", ms=16, label="T2L generation"
-        )
-        ax.set_xscale("log")
-        low = f", conservative {_ratio(t['conservative'])}" if "conservative" in t else ""
-        ax.set_title(f"{t['task'][:40]}\n{_ratio(t['in_distribution'])}{low}", fontsize=9)
-        ax.set_xlabel("seconds to create the adapter")
-        ax.set_ylabel("ROUGE-L (eval half)")
-    axes[0][0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, len(tasks), figsize=(4.8 * len(tasks), 4.0), squeeze=False, dpi=120) as axes:
+        for ax, t in zip(axes[0], tasks, strict=True):
+            trained = [p for p in t["lora_curve"] if p["step"] > 0]  # step 0 has no place on a log axis
+            ax.plot(
+                [p["train_s"] for p in trained], [p["rougeL"] for p in trained], "o-", label="ordinary LoRA (training)"
+            )
+            ax.axhline(t["lora_curve"][0]["rougeL"], color="grey", ls=":", label="base model (LoRA step 0)")
+            ax.axhline(t["t2l"]["rougeL"], color="C1", label="T2L score (in-distribution)")
+            if "conservative" in t:
+                ax.axhline(
+                    t["conservative"]["target_rougeL"], color="C2", ls="--", label="T2L mean on unseen dev tasks"
+                )
+            ax.plot(
+                t["t2l"]["generate_ms_median"] / 1000,
+                t["t2l"]["rougeL"],
+                "*",
+                color="C1",
+                ms=16,
+                label="T2L generation",
+            )
+            ax.set_xscale("log")
+            low = f", conservative {_ratio(t['conservative'])}" if "conservative" in t else ""
+            ax.set_title(f"{t['task'][:40]}\n{_ratio(t['in_distribution'])}{low}", fontsize=9)
+            ax.set_xlabel("seconds to create the adapter")
+            ax.set_ylabel("ROUGE-L (eval half)")
+        axes[0][0].legend(fontsize=7, loc="best")
 
 
 def _step(r: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ from typing import Any
 
 from loracast.errors import UserError
 from loracast.paths import write_json
+from loracast.plots import figure
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -214,27 +215,19 @@ def markdown(summary: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [n for n, v in summary["ratios"].items() if v is not None]
     values = [summary["ratios"][n] for n in names]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.5))
-    colors = ["tab:green" if summary["met"][n] is not False else "tab:red" for n in names]
-    ax.barh(names, values, color=colors)
-    for i, n in enumerate(names):
-        if summary["bars"][n] is not None:
-            ax.plot([summary["bars"][n]] * 2, [i - 0.4, i + 0.4], color="black", lw=2)
-        ax.text(values[i], i, f" {values[i]:,.2f}x", va="center")
-    ax.set_xscale("log")
-    ax.axvline(1, color="grey", ls=":")
-    ax.set_xlabel("factor, above 1 favours LoraCast (black: the bar)")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(8, 0.6 * len(names) + 1.5), dpi=120) as ax:
+        colors = ["tab:green" if summary["met"][n] is not False else "tab:red" for n in names]
+        ax.barh(names, values, color=colors)
+        for i, n in enumerate(names):
+            if summary["bars"][n] is not None:
+                ax.plot([summary["bars"][n]] * 2, [i - 0.4, i + 0.4], color="black", lw=2)
+            ax.text(values[i], i, f" {values[i]:,.2f}x", va="center")
+        ax.set_xscale("log")
+        ax.axvline(1, color="grey", ls=":")
+        ax.set_xlabel("factor, above 1 favours LoraCast (black: the bar)")
+        ax.invert_yaxis()
 
 
 def selected(only: list[str] | None, skip: list[str]) -> list[Section]:

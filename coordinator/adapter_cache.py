@@ -22,7 +22,6 @@ import os
 import re
 import struct
 import sys
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -34,12 +33,12 @@ from loracast import adapter_wire
 from loracast.adapter_format import Adapter
 from loracast.adapter_wire import WireAdapter, WireError
 from loracast.lora_spec import LoraSpec
+from loracast.paths import TEMP_SUFFIX, write_file
 from loracast.v1 import loracast_pb2 as pb
 
 MAGIC = b"LCA2"
 _HEADER = struct.Struct("<4sI")
 _SUFFIX = ".adapter"
-_TEMP_SUFFIX = ".tmp"
 _SOURCE_KEY = re.compile(r"[0-9a-f]{64}")
 # Provenance key -> AdapterSummary.source
 SOURCES = {"loracast.description_sha256": "description", "loracast.document_sha256": "document"}
@@ -60,24 +59,6 @@ def source_key(kind: str, hypernet_version: str, checkpoint_sha256: str, text: s
     """
     material = json.dumps([kind, hypernet_version, checkpoint_sha256, text], ensure_ascii=False)
     return hashlib.sha256(material.encode()).hexdigest()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # the rename itself survives a power loss only once the directory is synced
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _source_of(manifest: pb.AdapterManifest) -> str:
@@ -183,12 +164,12 @@ class AdapterCache:
         adapter_id = wire.manifest.adapter_id
         manifest = wire.manifest.SerializeToString()
         data = _HEADER.pack(MAGIC, len(manifest)) + manifest + wire.payload
-        _write_atomically(self._adapter_path(adapter_id), data)
+        write_file(self._adapter_path(adapter_id), data, durable=True)
         with self._lock:
             self._entries[adapter_id] = (wire.manifest, len(data))
             self._entries.move_to_end(adapter_id)
             evicted = self._evict()
-        _write_atomically(self._source_path(key), adapter_id.encode())
+        write_file(self._source_path(key), adapter_id.encode(), durable=True)
         for victim in evicted:
             self._adapter_path(victim).unlink(missing_ok=True)
         return self._in_dtype(wire, dtype)
@@ -274,7 +255,7 @@ class AdapterCache:
     def _load(self) -> None:
         """Rebuild the in-memory index from the files; damaged ones and leftovers of a crash are removed."""
         for directory in (self._adapters, self._sources):
-            for leftover in directory.glob(f".*{_TEMP_SUFFIX}"):
+            for leftover in directory.glob(f".*{TEMP_SUFFIX}"):
                 leftover.unlink(missing_ok=True)
         found = []
         for path in self._adapters.glob(f"*{_SUFFIX}"):

@@ -6,7 +6,6 @@ Loading never unpickles anything: the metadata is JSON and the weights are plain
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from hypernet.d2l import D2LConfig, DocToLoRA
 from hypernet.t2l import MultiTaskLoRA, T2LConfig, TextToLoRA
 from loracast.errors import UserError
+from loracast.paths import replacing
 
 HYPERNET_VERSION = "t2l-1"
 D2L_VERSION = "d2l-1"
@@ -39,13 +39,10 @@ class CheckpointError(UserError, RuntimeError):
 
 def save(path: Path, model: Hypernetwork, meta: dict) -> None:
     """Write atomically: a crash mid-write leaves the previous file, never half of a new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     metadata = {"config": json.dumps(model.cfg.to_dict()), "kind": type(model).__name__}
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp, metadata=metadata)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -83,9 +80,8 @@ def load_state(path: Path) -> dict | None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    tmp = Path(str(path) + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(state, tmp)
 
 
 def save_training(

@@ -18,12 +18,11 @@ files in out/ that are not in the selection are left alone.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from loracast.errors import UserError
+from loracast.paths import write_file
 
 TEST_SPLIT = Path("splits") / "default" / "test_tasks.txt"
 
@@ -82,19 +81,6 @@ def _clean(instances: list[dict], max_instances: int, max_input_chars: int, max_
     return kept
 
 
-def _write_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build(
     source: Path,
     out: Path,
@@ -137,7 +123,10 @@ def build(
                 summary["skipped"][name] = "no instance left after cleaning"
                 continue
             record = {"task": name, "source_path": f"tasks/{name}.json", "source_commit": commit, **task}
-            _write_atomic(out / "sni" / split / f"{name}.json", {**record, "instances": instances})
+            write_file(
+                out / "sni" / split / f"{name}.json",
+                json.dumps({**record, "instances": instances}, ensure_ascii=False, indent=1) + "\n",
+            )
             n_tasks, n_instances = n_tasks + 1, n_instances + len(instances)
         summary[split] = {"tasks": n_tasks, "instances": n_instances}
     return summary

@@ -217,12 +217,14 @@ def test_startup_drops_torn_and_damaged_files(tmp_path):
     (tmp_path / "partial" / f"{'a' * 64}.staging").mkdir()
     (tmp_path / "partial" / f"{'b' * 64}.part").write_bytes(b"no manifest beside it")
     (tmp_path / "partial" / ".x.tmp1").write_bytes(b"")
+    (tmp_path / f".{adapter_store.SOURCES}.5e3f09a1.tmp").write_bytes(b'{"torn')  # the index, mid-write
     (tmp_path / "adapters" / "not-an-id").mkdir()
 
     restarted = AdapterStore(tmp_path, 10**6, FINGERPRINT)
     assert [m.adapter_id for m in restarted.resident()] == [good.manifest.adapter_id]
     assert files(tmp_path, "adapters") == [good.manifest.adapter_id]
     assert files(tmp_path, "partial") == []
+    assert not list(tmp_path.glob(".*.tmp"))
     assert AdapterStore(tmp_path, 10**6, "e" * 64).resident() == []  # another base: nothing usable
 
 

@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 
 from loracast import adapter_wire
 from loracast.lora_spec import LoraSpec
+from loracast.paths import TEMP_SUFFIX, write_file
 from loracast.v1 import loracast_pb2 as pb
 from worker import metrics
 
@@ -93,19 +94,6 @@ class _Transfer:
 
 def _short(adapter_id: str) -> str:
     return adapter_id[:12] + "…"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _read_manifest(path: Path) -> pb.AdapterManifest:
@@ -167,7 +155,7 @@ class AdapterStore:
 
     def _reload(self) -> None:
         """Re-verify the installed adapters, keep resumable partials, drop everything else."""
-        for leftover in self.root.glob(f".{SOURCES}.tmp*"):  # a write of the index that a crash interrupted
+        for leftover in self.root.glob(f".{SOURCES}.*{TEMP_SUFFIX}"):  # a write of the index that a crash interrupted
             leftover.unlink(missing_ok=True)
         for path in self._partial.iterdir():
             stem, _, ext = path.name.partition(".")
@@ -250,7 +238,7 @@ class AdapterStore:
         """Persist the source index, pruned to installed adapters (so it stays as small as the cache)."""
         self._sources = {k: v for k, v in self._sources.items() if v in self._entries or v in self._inflight}
         try:
-            _write_atomic(self.root / SOURCES, json.dumps(self._sources, sort_keys=True).encode())
+            write_file(self.root / SOURCES, json.dumps(self._sources, sort_keys=True).encode(), durable=True)
         except OSError as exc:  # it only spares coordinator calls: a full disk must not fail a served request
             message = f"worker: cannot save {self.root / SOURCES} ({exc.strerror}): the index stays in memory"
             print(message, file=sys.stderr, flush=True)
@@ -329,7 +317,7 @@ class AdapterStore:
 
     def _start_partial(self, adapter_id: str, manifest: pb.AdapterManifest) -> None:
         (self._partial / f"{adapter_id}.part").unlink(missing_ok=True)
-        _write_atomic(self._partial / f"{adapter_id}.manifest", manifest.SerializeToString())
+        write_file(self._partial / f"{adapter_id}.manifest", manifest.SerializeToString(), durable=True)
 
     def _fetch(self, adapter_id: str, source: ChunkSource, manifest: pb.AdapterManifest | None) -> Resident:
         try:
@@ -450,7 +438,7 @@ class AdapterStore:
         _remove(staging)
         staging.mkdir()
         os.replace(part, staging / PAYLOAD)
-        _write_atomic(staging / MANIFEST, manifest.SerializeToString())
+        write_file(staging / MANIFEST, manifest.SerializeToString(), durable=True)
         with self._lock:
             self._evict(manifest.total_size)
             os.replace(staging, self._adapters / adapter_id)
