@@ -51,12 +51,15 @@ class TrainArgs:
     contrast: float = 0.0
     contrast_rows: int = 4
     contrast_margin: float = 1.0
+    shared_adapter: bool = False
     seed: int = 0
     checkpoint_every: int = 100
     threads: int | None = None
 
 
-def build_model(kind: str, embed_dim: int, spec: LoraSpec, model: torch.nn.Module) -> TextToLoRA | MultiTaskLoRA:
+def build_model(
+    kind: str, embed_dim: int, spec: LoraSpec, model: torch.nn.Module, shared_adapter: bool = False
+) -> TextToLoRA | MultiTaskLoRA:
     targets = targets_of(model, spec)
     cfg = T2LConfig(
         embed_dim=embed_dim,
@@ -65,6 +68,7 @@ def build_model(kind: str, embed_dim: int, spec: LoraSpec, model: torch.nn.Modul
         r=spec.r,
         alpha=spec.alpha,
         use_rslora=spec.use_rslora,
+        shared_adapter=shared_adapter,
     )
     return TextToLoRA(cfg) if kind == "t2l" else MultiTaskLoRA(cfg)
 
@@ -126,7 +130,7 @@ def train(args: TrainArgs) -> dict:
         )
     encoder = DescriptionEncoder(args.encoder, base)
     variant_emb = [encoder(description_variants(t.definition, args.variants, rng)) for t in tqdm(tasks, desc="embed")]
-    hyper = build_model(args.kind, encoder.dim, spec, base.model)
+    hyper = build_model(args.kind, encoder.dim, spec, base.model, args.shared_adapter)
     opt = torch.optim.AdamW(hyper.parameters(), lr=args.lr, weight_decay=0.01)
 
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hypernet.t2l import MultiTaskLoRA, T2LConfig, TextToLoRA
@@ -25,13 +26,14 @@ def test_hypernet_shapes_cover_every_layer_and_module(tiny_base):
         assert b.shape == (3, shape.out_features, 4)
 
 
-def test_fresh_hypernet_leaves_the_base_model_unchanged(tiny_base):
+@pytest.mark.parametrize("shared_adapter", [False, True])
+def test_fresh_hypernet_leaves_the_base_model_unchanged(tiny_base, shared_adapter):
     spec = LoraSpec()
     wrappers = inject(tiny_base.model, spec)
     ids = _ids(tiny_base)
     with torch.no_grad():
         plain = tiny_base.model(ids).logits
-        adapter = build_model("t2l", 384, spec, tiny_base.model)(torch.randn(2, 384))
+        adapter = build_model("t2l", 384, spec, tiny_base.model, shared_adapter)(torch.randn(2, 384))
         with applied(wrappers, adapter):
             adapted = tiny_base.model(ids).logits
     assert torch.equal(plain, adapted)

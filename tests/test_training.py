@@ -86,3 +86,21 @@ def test_contrast_trains_adapters_apart_and_is_recorded(tmp_path, tiny_base_dir,
     assert len(gaps) == 12 and gaps[0] == pytest.approx(0.0, abs=1e-6)  # B starts at zero: one adapter for all
     assert max(gaps[-3:]) > 0  # another task's adapter ends up doing this task worse
     assert meta["train_args"]["contrast"] == 1.0
+
+
+def test_the_shared_adapter_learns_and_survives_the_checkpoint(tmp_path, tiny_base_dir, tiny_data_dir):
+    args = _args(tmp_path, tiny_base_dir, tiny_data_dir, "shared", 6)
+    args.lr, args.shared_adapter = 1e-2, True
+    meta = train(args)
+    hyper, stored = checkpoint.load(args.out)
+    assert hyper.cfg.shared_adapter and json.loads(stored["train_args"])["shared_adapter"] is True
+    assert meta["train_args"]["shared_adapter"] is True
+    assert all(b.abs().sum() > 0 for b in hyper.shared_B.values())  # B0 started at zero: it trained
+    emb = torch.randn(2, 384)
+    a, b = hyper(emb)[(1, "q_proj")]
+    assert not torch.allclose(b[0], b[1])  # the description still matters
+    with torch.no_grad():
+        for head in hyper.heads.values():
+            head.weight.zero_(), head.bias.zero_()
+        for (layer, module), (a, b) in hyper(emb).items():  # what is left is the layer's own A0, B0
+            assert torch.equal(a[1], hyper.shared_A[module][layer]) and torch.equal(b[1], hyper.shared_B[module][layer])
