@@ -48,7 +48,7 @@ def score(prediction: str, references: tuple[str, ...]) -> dict[str, float]:
 def evaluate(
     data_dir: Path,
     split: str = "dev",
-    limit: int = 25,
+    limit: int | None = None,
     t2l_path: Path = checkpoint.DEFAULT_T2L,
     mtl_path: Path = checkpoint.DEFAULT_MTL,
     base_name: str = base_model.DEFAULT_BASE,

@@ -318,7 +318,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="T2L or D2L checkpoint (default: shipped)")
     e.add_argument("--base", default=DEFAULT_BASE)
     e.add_argument("--split", default="dev", help="t2l: SNI split")
-    e.add_argument("--limit", type=int, default=25, help="t2l: instances per task")
+    e.add_argument("--limit", type=int, help="t2l: instances per task (default: all of them)")
     e.add_argument("--mtl", help="t2l: multi-task LoRA checkpoint (default: shipped)")
     e.add_argument("--documents", type=int, default=24, help="d2l: held-out fictional documents")
     e.add_argument("--passages", type=int, default=60, help="d2l: held-out reading-comprehension passages")
