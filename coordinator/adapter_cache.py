@@ -51,6 +51,9 @@ class CacheError(RuntimeError):
 class NotCached(LookupError):
     """No adapter with this id in the cache (never made, evicted, or its file was corrupt and dropped)."""
 
+    def __str__(self) -> str:
+        return f"no adapter {self.args[0]} in this coordinator's cache"
+
 
 def source_key(kind: str, hypernet_version: str, checkpoint_sha256: str, text: str) -> str:
     """The index key of one source text: the same text through the same checkpoint always makes the same adapter.

@@ -16,13 +16,13 @@ import hashlib
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from types import MappingProxyType
+from typing import NoReturn, Protocol
 
 import grpc
 
@@ -36,11 +36,12 @@ from loracast.adapter_wire import WireError
 from loracast.grpc_common import (
     ConfigError,
     MalformedRequest,
+    RequestError,
     RunningServer,
     ServerSecurity,
+    abort,
     check_listen,
     create_server,
-    retry_later,
     serve,
     streamed,
 )
@@ -117,30 +118,19 @@ class Hypernet:
         )
 
 
-class RequestError(Exception):
-    """A request the coordinator refuses; `code` and the one-line `message` go to the client."""
+# What the coordinator's own errors answer with (a RequestError carries its status itself).
+_STATUSES = MappingProxyType(
+    {
+        InputError: grpc.StatusCode.INVALID_ARGUMENT,
+        WireError: grpc.StatusCode.INVALID_ARGUMENT,
+        MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
+        NotCached: grpc.StatusCode.NOT_FOUND,
+    }
+)
 
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retry_after_ms = retry_after_ms
 
-
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    """End the call with the status an error stands for; anything unexpected is a bug: INTERNAL, traceback to stderr."""
-    if isinstance(exc, grpc.RpcError) and not context.is_active():  # the client left mid-stream: not a bug
-        context.abort(grpc.StatusCode.CANCELLED, "the client went away")
-    if isinstance(exc, RequestError):
-        if exc.retry_after_ms:
-            retry_later(context, exc.retry_after_ms, exc.message)
-        context.abort(exc.code, exc.message)
-    if isinstance(exc, (InputError, WireError, MalformedRequest)):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, NotCached):
-        context.abort(grpc.StatusCode.NOT_FOUND, f"no adapter {exc.args[0]} in this coordinator's cache")
-    traceback.print_exception(exc, file=sys.stderr)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in the coordinator ({type(exc).__name__}); see its log")
+def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    abort(context, exc, "coordinator", _STATUSES)
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):

@@ -12,10 +12,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from types import MappingProxyType
+from typing import NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -379,6 +382,38 @@ def start_metrics(port: int, host: str) -> ThreadingHTTPServer:
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on port {port}: {exc.strerror}") from exc
     return server
+
+
+class RequestError(Exception):
+    """A request a server refuses: `code` and the one-line `message` go to the client (`abort`), with a
+    `retry-after-ms` trailer when `retry_after_ms` is set."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+def abort(
+    context: grpc.ServicerContext,
+    exc: Exception,
+    component: str,
+    statuses: Mapping[type[Exception], grpc.StatusCode] = MappingProxyType({}),
+) -> NoReturn:
+    """End the call with the status an error stands for: a RequestError's own; for an exception of a type in
+    `statuses`, that status and its message. Anything else is a bug: INTERNAL, traceback to stderr."""
+    if isinstance(exc, grpc.RpcError) and not context.is_active():  # the client left mid-stream: not a bug
+        context.abort(grpc.StatusCode.CANCELLED, "the client went away")
+    if isinstance(exc, RequestError):
+        if exc.retry_after_ms:
+            retry_later(context, exc.retry_after_ms, exc.message)
+        context.abort(exc.code, exc.message)
+    for kind, code in statuses.items():
+        if isinstance(exc, kind):
+            context.abort(code, str(exc))
+    traceback.print_exception(exc, file=sys.stderr)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in the {component} ({type(exc).__name__}); see its log")
 
 
 def retry_later(context: grpc.ServicerContext, retry_after_ms: int, message: str) -> None:

@@ -34,6 +34,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from loracast import adapter_wire
+from loracast.grpc_common import RequestError
 from loracast.lora_spec import LoraSpec
 from loracast.paths import TEMP_SUFFIX, write_file
 from loracast.v1 import loracast_pb2 as pb
@@ -60,13 +61,8 @@ ChunkSource = Callable[[str, int], Iterable[pb.AdapterChunk]]
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-class StoreError(Exception):
+class StoreError(RequestError):
     """An adapter cannot be installed or used; `code` is the gRPC status the worker answers with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

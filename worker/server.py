@@ -20,14 +20,13 @@ apply-time metric says which was used.
 from __future__ import annotations
 
 import hashlib
-import sys
 import threading
 import time
-import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
@@ -36,19 +35,20 @@ from loracast.grpc_common import (
     RETRY_AFTER_MS,
     ClientSecurity,
     ConfigError,
+    RequestError,
     RunningServer,
     ServerSecurity,
+    abort,
     check_listen,
     create_server,
     open_channel,
-    retry_later,
     serve,
 )
 from loracast.paths import DEFAULT_BASE
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 from worker import metrics, model_cache
-from worker.adapter_store import AdapterStore, ChunkSource, Resident, StoreError
+from worker.adapter_store import AdapterStore, ChunkSource, Resident
 from worker.chat import ChatTokenizer
 from worker.onnx_session import OnnxDecoder
 
@@ -79,24 +79,8 @@ class WorkerConfig:
     security: ServerSecurity = field(default_factory=ServerSecurity)
 
 
-class RequestError(Exception):
-    """A request the worker refuses; `code` and the one-line `message` go to the client."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retry_after_ms = retry_after_ms
-
-
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    """End the call with the status an error carries; anything unexpected is a bug: INTERNAL, traceback to stderr."""
-    if isinstance(exc, RequestError) and exc.retry_after_ms:
-        retry_later(context, exc.retry_after_ms, exc.message)
-    if isinstance(exc, (RequestError, StoreError)):
-        context.abort(exc.code, exc.message)
-    traceback.print_exception(exc, file=sys.stderr)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in the worker ({type(exc).__name__}); see its log")
+def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    abort(context, exc, "worker")
 
 
 def _text_key(kind: str, data: bytes) -> str:
