@@ -75,24 +75,32 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_t2l(tiny_base_dir: Path, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A T2L checkpoint for the tiny Llama, trained for a few steps by the real training loop."""
+def _train_tiny(kind: str, base_dir: Path, data_dir: Path, work: Path) -> Path:
+    """A checkpoint of `kind` ("t2l" or "mtl") for the tiny Llama, trained a few steps by the real training loop."""
     from hypernet.train_t2l import TrainArgs, train
 
-    work = tmp_path_factory.mktemp("t2l-run")
     args = TrainArgs(
-        kind="t2l",
-        data_dir=tiny_data_dir,
-        out=work / "t2l.safetensors",
+        kind=kind,
+        data_dir=data_dir,
+        out=work / f"{kind}.safetensors",
         work_dir=work,
-        base=str(tiny_base_dir),
+        base=str(base_dir),
         steps=3,
         batch_size=2,
         warmup=1,
     )
     train(args)
     return args.out
+
+
+@pytest.fixture(scope="session")
+def tiny_t2l(tiny_base_dir: Path, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train_tiny("t2l", tiny_base_dir, tiny_data_dir, tmp_path_factory.mktemp("t2l-run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mtl(tiny_base_dir: Path, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train_tiny("mtl", tiny_base_dir, tiny_data_dir, tmp_path_factory.mktemp("mtl-run"))
 
 
 D2L_CHUNK = 16  # tokens per chunk of the tiny D2L, so a few sentences make a multi-chunk document

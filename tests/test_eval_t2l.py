@@ -5,22 +5,6 @@ from __future__ import annotations
 import pytest
 
 from hypernet.eval_t2l import CONDITIONS, evaluate, score, table
-from hypernet.train_t2l import TrainArgs, train
-
-
-@pytest.fixture(scope="module")
-def tiny_mtl(tiny_base_dir, tiny_data_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("mtl-run")
-    args = TrainArgs(
-        kind="mtl",
-        data_dir=tiny_data_dir,
-        out=work / "mtl.safetensors",
-        work_dir=work,
-        base=str(tiny_base_dir),
-        steps=1,
-    )
-    train(args)
-    return args.out
 
 
 def test_every_instance_of_every_task_is_scored_by_default(tiny_t2l, tiny_mtl, tiny_base_dir, tiny_data_dir):
