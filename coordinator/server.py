@@ -130,7 +130,7 @@ _STATUSES = MappingProxyType(
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
-    abort(context, exc, "coordinator", _STATUSES)
+    abort(context, exc, metrics.COMPONENT, _STATUSES)
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):

@@ -80,7 +80,7 @@ class WorkerConfig:
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
-    abort(context, exc, "worker")
+    abort(context, exc, metrics.COMPONENT)
 
 
 def _text_key(kind: str, data: bytes) -> str:
