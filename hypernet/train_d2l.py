@@ -41,6 +41,7 @@ from hypernet.train_t2l import answer_logits, lr_at
 from loracast import base_model
 from loracast.base_model import BaseModel
 from loracast.lora import LoraSpec, inject, set_adapter, targets_of
+from loracast.paths import replacing
 
 Example = tuple[list[int], list[int]]  # token ids, labels (-100 where no loss)
 
@@ -160,9 +161,8 @@ class TeacherCache:
             tensors[f"{i}.answer_ids"] = t.answer_ids.int()
             tensors[f"{i}.topk_ids"] = t.topk_ids.int()
             tensors[f"{i}.topk_logprobs"] = t.topk_logprobs.contiguous()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp)
-        tmp.replace(path)
+        with replacing(path) as tmp:  # two runs sharing a work dir each write whole files
+            save_file(tensors, tmp)
         return targets
 
 

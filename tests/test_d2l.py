@@ -287,6 +287,8 @@ def test_teacher_targets_are_computed_once_and_reused(tiny_base, tmp_path, monke
         assert a.topk_ids.shape == (len(a.answer_ids), 16)
     TeacherCache(tmp_path, tiny_base, 8, 6).get(D2L_DOCS[0])  # another k is another key
     assert len(calls) == 2
+    written = sorted(p.suffix for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [".safetensors", ".safetensors"]  # whole files only: no temporary left beside them
 
 
 @pytest.fixture(scope="module")
