@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
+import secrets
 import struct
 import sys
 import threading
@@ -42,10 +44,17 @@ _SUFFIX = ".adapter"
 _SOURCE_KEY = re.compile(r"[0-9a-f]{64}")
 # Provenance key -> AdapterSummary.source
 SOURCES = {"loracast.description_sha256": "description", "loracast.document_sha256": "document"}
+DEFAULT_PAGE_SIZE = 100  # ListAdapters
+MAX_PAGE_SIZE = 1000
+_PAGE_TOKEN = re.compile(r"([0-9a-f]{16})\.([0-9]{1,19})")  # this cache's run, then a use stamp
 
 
 class CacheError(RuntimeError):
     """The cache directory cannot be used (unwritable, or another coordinator holds it)."""
+
+
+class PageTokenError(ValueError):
+    """A ListAdapters page token this cache did not issue (or issued before the coordinator restarted)."""
 
 
 class NotCached(LookupError):
@@ -80,6 +89,12 @@ class AdapterCache:
         self._sources = self.root / "sources"
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[pb.AdapterManifest, int]] = OrderedDict()  # LRU first
+        # Every use stamps an adapter with the next number, so the recency order is the stamps' order and a page
+        # token (the last stamp listed) keeps its place while adapters are used. The run id makes a token from
+        # before a restart (when the stamps start again) an error rather than a wrong page.
+        self._stamps: dict[str, int] = {}
+        self._next_stamp = itertools.count(1)
+        self._run = secrets.token_hex(8)
         self._memo: OrderedDict[str, WireAdapter] = OrderedDict()
         self._memo_size = 0
         try:
@@ -123,7 +138,7 @@ class AdapterCache:
             if adapter_id not in self._entries:
                 raise NotCached(adapter_id)
             manifest, file_size = self._entries[adapter_id]
-            self._entries.move_to_end(adapter_id)
+            self._used(adapter_id)
             memoized = self._memo.get(adapter_id) if dtype == pb.FLOAT16 else None
             if memoized is not None:
                 self._memo.move_to_end(adapter_id)
@@ -143,16 +158,38 @@ class AdapterCache:
         with self._lock:
             return [manifest for manifest, _ in reversed(self._entries.values())]
 
-    def summaries(self) -> list[pb.AdapterSummary]:
-        return [
+    def summaries(self, page_size: int = 0, page_token: str = "") -> tuple[list[pb.AdapterSummary], str]:
+        """One page of ListAdapters, most recently used first, and the token of the next page ("" after the last).
+
+        `page_size` 0 is DEFAULT_PAGE_SIZE, above MAX_PAGE_SIZE is MAX_PAGE_SIZE; `page_token` "" starts at the
+        top. An adapter used after a page was read moves to the top: the pages after it no longer list it.
+        """
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = self._read_token(page_token) if page_token else None
+        with self._lock:
+            later = [
+                (self._stamps[adapter_id], manifest)
+                for adapter_id, (manifest, _) in reversed(self._entries.items())
+                if after is None or self._stamps[adapter_id] < after
+            ]
+        page = [
             pb.AdapterSummary(
                 adapter_id=m.adapter_id,
                 hypernet_version=m.hypernet_version,
                 source=_source_of(m),
                 size_bytes=m.total_size,
             )
-            for m in self.entries()
+            for _, m in later[:size]
         ]
+        return page, (f"{self._run}.{later[size - 1][0]}" if len(later) > size else "")
+
+    def _read_token(self, token: str) -> int:
+        match = _PAGE_TOKEN.fullmatch(token)
+        if match is None:
+            raise PageTokenError(f"page_token {token[:40]!r} is not one this coordinator issued; list from the start")
+        if match[1] != self._run:
+            raise PageTokenError("page_token is from before this coordinator restarted; list again from the first page")
+        return int(match[2])
 
     @property
     def size_bytes(self) -> int:
@@ -170,7 +207,7 @@ class AdapterCache:
         write_file(self._adapter_path(adapter_id), data, durable=True)
         with self._lock:
             self._entries[adapter_id] = (wire.manifest, len(data))
-            self._entries.move_to_end(adapter_id)
+            self._used(adapter_id)
             evicted = self._evict()
         write_file(self._source_path(key), adapter_id.encode(), durable=True)
         for victim in evicted:
@@ -202,6 +239,11 @@ class AdapterCache:
                     self._memo_size -= len(old.payload)
         return wire
 
+    def _used(self, adapter_id: str) -> None:
+        """Under the lock: `adapter_id` (in the cache) is now the most recently used."""
+        self._entries.move_to_end(adapter_id)
+        self._stamps[adapter_id] = next(self._next_stamp)
+
     def _evict(self) -> list[str]:
         """Under the lock: forget least recently used adapters over capacity; returns their ids (files to delete)."""
         victims: list[str] = []
@@ -210,6 +252,7 @@ class AdapterCache:
         total = sum(size for _, size in self._entries.values())
         while total > self.capacity_bytes and len(self._entries) > 1:
             adapter_id, (_, size) = self._entries.popitem(last=False)
+            del self._stamps[adapter_id]
             self._forget_memo(adapter_id)
             victims.append(adapter_id)
             total -= size
@@ -224,6 +267,7 @@ class AdapterCache:
         print(f"coordinator cache: adapter {adapter_id[:12]}…: {why}", file=sys.stderr, flush=True)
         with self._lock:
             self._entries.pop(adapter_id, None)
+            self._stamps.pop(adapter_id, None)
             self._forget_memo(adapter_id)
             self._adapter_path(adapter_id).unlink(missing_ok=True)
 
@@ -272,6 +316,7 @@ class AdapterCache:
             found.append((mtime, manifest, file_size))
         for _, manifest, size in sorted(found, key=lambda item: item[0]):
             self._entries[manifest.adapter_id] = (manifest, size)
+            self._used(manifest.adapter_id)
         with self._lock:
             evicted = self._evict()  # the capacity may have shrunk since the last run
         for victim in evicted:

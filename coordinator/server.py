@@ -27,7 +27,7 @@ from typing import NoReturn, Protocol
 import grpc
 
 from coordinator import metrics
-from coordinator.adapter_cache import AdapterCache, CacheError, NotCached, source_key
+from coordinator.adapter_cache import AdapterCache, CacheError, NotCached, PageTokenError, source_key
 from hypernet import checkpoint
 from hypernet.generate import DocToLoRAGenerator, InputError, TextToLoRAGenerator, check_description
 from loracast import adapter_wire, base_model
@@ -125,6 +125,7 @@ _STATUSES = MappingProxyType(
         WireError: grpc.StatusCode.INVALID_ARGUMENT,
         MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
         NotCached: grpc.StatusCode.NOT_FOUND,
+        PageTokenError: grpc.StatusCode.INVALID_ARGUMENT,
     }
 )
 
@@ -193,7 +194,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext) -> pb.ListAdaptersResponse:
         try:
-            return pb.ListAdaptersResponse(adapters=self.cache.summaries())
+            adapters, next_page_token = self.cache.summaries(request.page_size, request.page_token)
+            return pb.ListAdaptersResponse(adapters=adapters, next_page_token=next_page_token)
         except Exception as exc:
             _abort(context, exc)
 

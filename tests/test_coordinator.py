@@ -216,6 +216,37 @@ def test_a_description_is_generated_once_even_across_restarts(tmp_path: Path, ge
     assert files_containing(cache_dir, TASK.encode()) == []  # only the description's hash is kept
 
 
+def listed(stub: pb_grpc.CoordinatorStub, page_size: int = 0, page_token: str = "") -> tuple[list[str], str]:
+    reply = stub.ListAdapters(pb.ListAdaptersRequest(page_size=page_size, page_token=page_token), timeout=TIMEOUT)
+    return [a.adapter_id for a in reply.adapters], reply.next_page_token
+
+
+def test_list_adapters_pages_in_recency_order_and_refuses_tokens_it_did_not_issue(
+    tmp_path: Path, generator: TextToLoRAGenerator
+) -> None:
+    tasks = [f"Task {i}: answer with the word {word}." for i, word in enumerate(["red", "green", "blue", "gold"])]
+    with serving(tmp_path / "cache", Recorder(generator)) as (_, stub):
+        a, b, c, d = (describe(stub, task).manifest.adapter_id for task in tasks)
+        assert listed(stub) == ([d, c, b, a], "")  # the default page holds them all: no next page
+        first, token = listed(stub, page_size=2)
+        assert first == [d, c] and token
+        describe(stub, tasks[1])  # b is used between pages: it moves to the top, the pages read so far stay
+        second, token = listed(stub, page_size=2, page_token=token)
+        assert second == [a] and token == ""  # b is no longer listed after the token
+        assert listed(stub, page_size=2)[0] == [b, d]
+        assert listed(stub, page_size=10**6)[0] == [b, d, c, a]  # above the maximum is the maximum
+        for bad in ("nonsense", "0123456789abcdef.x", "../0123456789abcdef.1"):
+            error = refused(lambda bad=bad: listed(stub, page_token=bad), grpc.StatusCode.INVALID_ARGUMENT)
+            assert "page_token" in error.details()
+        stale = listed(stub, page_size=1)[1]
+    with serving(tmp_path / "cache", Recorder(generator)) as (_, stub):
+        error = refused(lambda: listed(stub, page_token=stale), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "restarted" in error.details()
+        page, token = listed(stub, page_size=3)
+        assert page == [b, d, c] and token  # recency survives the restart
+        assert listed(stub, page_size=3, page_token=token) == ([a], "")
+
+
 def _big_adapter(rng: np.random.Generator) -> dict:
     """512 KiB in float32: several chunks of the smallest size."""
     return {

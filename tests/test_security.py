@@ -179,7 +179,7 @@ def rpcs(channel: grpc.Channel, server: str, adapter_id: str = "0" * 64) -> dict
                 **kw,
             )
         ),
-        "ListAdapters": lambda **kw: stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT, **kw),
+        "ListAdapters": lambda **kw: stub.ListAdapters(pb.ListResidentRequest(), timeout=TIMEOUT, **kw),
         "Prefetch": lambda **kw: stub.Prefetch(
             pb.PrefetchRequest(adapters=[pb.AdapterRef(task=TASK)]), timeout=TIMEOUT, **kw
         ),
@@ -324,7 +324,7 @@ def test_mutual_tls_on_the_worker_refuses_a_client_without_a_certificate_on_ever
     try:
         with open_channel(target, with_cert) as channel:
             wait_until_serving(channel, timeout=TIMEOUT)
-            assert pb_grpc.WorkerStub(channel).ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).capacity_bytes
+            assert pb_grpc.WorkerStub(channel).ListAdapters(pb.ListResidentRequest(), timeout=TIMEOUT).capacity_bytes
         for security in (ClientSecurity(tls_ca=pki["ca.pem"], token="t"), ClientSecurity(token="t")):
             with open_channel(target, security) as channel:
                 for rpc, call in rpcs(channel, "Worker").items():
@@ -408,7 +408,7 @@ def test_a_forged_adapter_is_refused_and_never_installed(scripted: Scripted, for
     error = _ask(scripted, rpc, adapter_id)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, (error.code(), error.details())
     assert scripted.script.fetches, "the worker must have asked for it"
-    assert scripted.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters == []
+    assert scripted.stub.ListAdapters(pb.ListResidentRequest(), timeout=TIMEOUT).adapters == []
     assert installed(scripted.cache) == [] and list((scripted.cache / "partial").iterdir()) == []
 
 

@@ -298,7 +298,7 @@ def test_a_task_is_generated_fetched_applied_and_then_served_from_the_cache(
     assert 0 < t.adapter_fetch_seconds < t.first_token_seconds <= t.total_seconds
     assert t.apply_seconds > 0
     assert [r.offset for r in script.fetches] == [0] and script.described == [f"  {TASK}\n"]
-    listed = stub.ListAdapters(pb.ListAdaptersRequest(), timeout=WAIT)
+    listed = stub.ListAdapters(pb.ListResidentRequest(), timeout=WAIT)
     assert [(a.adapter_id, a.size_bytes, a.hypernet_version) for a in listed.adapters] == [
         (adapter_id, len(wires["a"].payload), "test-1")
     ]
@@ -359,7 +359,7 @@ def test_a_task_end_to_end_through_the_real_coordinator(real_coordinator, start_
     resident = read_installed(tmp_path / "cache", started.adapter_id, fingerprint)
     assert resident.manifest.provenance["loracast.description_sha256"] == hashlib.sha256(TASK.encode()).hexdigest()
     assert metrics.BYTES_RECEIVED._value.get() - received == resident.manifest.total_size
-    listed = stub.ListAdapters(pb.ListAdaptersRequest(), timeout=WAIT).adapters
+    listed = stub.ListAdapters(pb.ListResidentRequest(), timeout=WAIT).adapters
     assert [a.adapter_id for a in listed] == [started.adapter_id]
 
     again, same_text, done = ask(stub, pb.AdapterRef(task=TASK))
@@ -473,7 +473,7 @@ def test_a_corrupted_chunk_is_detected_and_never_applied(coordinator, start_work
     error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(adapter_id=adapter_id)))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "SHA-256" in error.details()
     assert [r.offset for r in script.fetches] == [0, 0]  # fetched once more from scratch, corrupt again
-    assert stub.ListAdapters(pb.ListAdaptersRequest(), timeout=WAIT).adapters == []
+    assert stub.ListAdapters(pb.ListResidentRequest(), timeout=WAIT).adapters == []
     assert installed(tmp_path / "cache") == [] and list((tmp_path / "cache" / "partial").iterdir()) == []
 
     script.faults = ["flip"]  # corrupt once: the second transfer installs it
@@ -516,7 +516,7 @@ def test_prefetch_installs_in_request_order_and_stops_at_the_first_failure(
     stub = connect(start_worker(coordinator=target))
     refs = [pb.AdapterRef(task=TASK), pb.AdapterRef(adapter_id=b)]
     assert list(stub.Prefetch(pb.PrefetchRequest(adapters=refs), timeout=WAIT).adapter_ids) == [a, b]
-    assert [x.adapter_id for x in stub.ListAdapters(pb.ListAdaptersRequest(), timeout=WAIT).adapters] == [b, a]
+    assert [x.adapter_id for x in stub.ListAdapters(pb.ListResidentRequest(), timeout=WAIT).adapters] == [b, a]
 
     missing = pb.AdapterRef(adapter_id="d" * 64)
     error = refused(stub.Prefetch, pb.PrefetchRequest(adapters=[missing, pb.AdapterRef(adapter_id=b)]), timeout=WAIT)
@@ -682,9 +682,9 @@ def test_decoding_stops_when_the_client_cancels(start_worker, connect, model_dir
 def test_with_tokens_configured_unauthenticated_calls_are_refused(start_worker, connect):
     worker = start_worker(security=ServerSecurity(tokens=frozenset({"s3cret"})))
     for token in (None, "wrong"):
-        error = refused(connect(worker, token).ListAdapters, pb.ListAdaptersRequest(), timeout=WAIT)
+        error = refused(connect(worker, token).ListAdapters, pb.ListResidentRequest(), timeout=WAIT)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert connect(worker, "s3cret").ListAdapters(pb.ListAdaptersRequest(), timeout=WAIT).capacity_bytes > 0
+    assert connect(worker, "s3cret").ListAdapters(pb.ListResidentRequest(), timeout=WAIT).capacity_bytes > 0
 
 
 # ---------------------------------------------------------------------------------------------------------

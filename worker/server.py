@@ -114,7 +114,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         except Exception as exc:
             _abort(context, exc)
 
-    def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext) -> pb.ListResidentResponse:
+    def ListAdapters(self, request: pb.ListResidentRequest, context: grpc.ServicerContext) -> pb.ListResidentResponse:
         resident = self.store.resident()
         return pb.ListResidentResponse(
             adapters=[

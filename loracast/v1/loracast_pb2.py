@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloracast/v1/loracast.proto\x12\x0bloracast.v1\"J\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\xad\x03\n\x0f\x41\x64\x61pterManifest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x18\n\x10hypernet_version\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05\x61lpha\x18\x05 \x01(\x02\x12\x12\n\nuse_rslora\x18\x06 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12!\n\x05\x64type\x18\x08 \x01(\x0e\x32\x12.loracast.v1.DType\x12)\n\x07tensors\x18\t \x03(\x0b\x32\x18.loracast.v1.TensorEntry\x12\x12\n\ntotal_size\x18\n \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x0b \x01(\t\x12@\n\nprovenance\x18\x0c \x03(\x0b\x32,.loracast.v1.AdapterManifest.ProvenanceEntry\x12\x1a\n\x12other_dtype_sha256\x18\r \x01(\t\x1a\x31\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\x0c\x41\x64\x61pterChunk\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.loracast.v1.AdapterManifestH\x00\x12&\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.loracast.v1.DataChunkH\x00\x42\x06\n\x04part\")\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"X\n\x1eGenerateFromDescriptionRequest\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.loracast.v1.DType\"@\n\rDocumentChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.loracast.v1.DType\"n\n\x10GenerateResponse\x12.\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.loracast.v1.AdapterManifest\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\x12\x1a\n\x12generation_seconds\x18\x03 \x01(\x01\"p\n\x13\x46\x65tchAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.loracast.v1.DType\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"\x15\n\x13ListAdaptersRequest\"b\n\x0e\x41\x64\x61pterSummary\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x18\n\x10hypernet_version\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\"E\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.loracast.v1.AdapterSummary\"\x11\n\x0f\x44\x65scribeRequest\"k\n\x0cHypernetwork\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x18\n\x10hypernet_version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\"q\n\x10\x44\x65scribeResponse\x12\x18\n\x10\x62\x61se_fingerprint\x18\x01 \x01(\t\x12\x11\n\tbase_name\x18\x02 \x01(\t\x12\x30\n\rhypernetworks\x18\x03 \x03(\x0b\x32\x19.loracast.v1.Hypernetwork\"P\n\nAdapterRef\x12\x0e\n\x04task\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x64ocument\x18\x02 \x01(\x0cH\x00\x12\x14\n\nadapter_id\x18\x03 \x01(\tH\x00\x42\x08\n\x06source\"\x89\x01\n\x0fGenerateRequest\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.loracast.v1.AdapterRef\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12$\n\x04mode\x18\x04 \x01(\x0e\x32\x16.loracast.v1.ApplyMode\"s\n\x07Timings\x12\x1d\n\x15\x61\x64\x61pter_fetch_seconds\x18\x01 \x01(\x01\x12\x15\n\rapply_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xba\x02\n\rGenerateEvent\x12\x35\n\x07started\x18\x01 \x01(\x0b\x32\".loracast.v1.GenerateEvent.StartedH\x00\x12\x31\n\x05token\x18\x02 \x01(\x0b\x32 .loracast.v1.GenerateEvent.TokenH\x00\x12/\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1f.loracast.v1.GenerateEvent.DoneH\x00\x1a/\n\x07Started\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x08resident\x18\x02 \x01(\x08\x1a\x15\n\x05Token\x12\x0c\n\x04text\x18\x01 \x01(\t\x1a=\n\x04\x44one\x12\x0e\n\x06tokens\x18\x01 \x01(\r\x12%\n\x07timings\x18\x02 \x01(\x0b\x32\x14.loracast.v1.TimingsB\x07\n\x05\x65vent\"S\n\x0fResidentAdapter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x18\n\x10hypernet_version\x18\x03 \x01(\t\"r\n\x14ListResidentResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.loracast.v1.ResidentAdapter\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\"<\n\x0fPrefetchRequest\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loracast.v1.AdapterRef\"\'\n\x10PrefetchResponse\x12\x13\n\x0b\x61\x64\x61pter_ids\x18\x01 \x03(\t*8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02*A\n\tApplyMode\x12\x1a\n\x16\x41PPLY_MODE_UNSPECIFIED\x10\x00\x12\x0c\n\x08HOT_SWAP\x10\x01\x12\n\n\x06MERGED\x10\x02\x32\xb5\x03\n\x0b\x43oordinator\x12\x65\n\x17GenerateFromDescription\x12+.loracast.v1.GenerateFromDescriptionRequest\x1a\x1d.loracast.v1.GenerateResponse\x12R\n\x13InternalizeDocument\x12\x1a.loracast.v1.DocumentChunk\x1a\x1d.loracast.v1.GenerateResponse(\x01\x12M\n\x0c\x46\x65tchAdapter\x12 .loracast.v1.FetchAdapterRequest\x1a\x19.loracast.v1.AdapterChunk0\x01\x12S\n\x0cListAdapters\x12 .loracast.v1.ListAdaptersRequest\x1a!.loracast.v1.ListAdaptersResponse\x12G\n\x08\x44\x65scribe\x12\x1c.loracast.v1.DescribeRequest\x1a\x1d.loracast.v1.DescribeResponse2\xee\x01\n\x06Worker\x12\x46\n\x08Generate\x12\x1c.loracast.v1.GenerateRequest\x1a\x1a.loracast.v1.GenerateEvent0\x01\x12S\n\x0cListAdapters\x12 .loracast.v1.ListAdaptersRequest\x1a!.loracast.v1.ListResidentResponse\x12G\n\x08Prefetch\x12\x1c.loracast.v1.PrefetchRequest\x1a\x1d.loracast.v1.PrefetchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloracast/v1/loracast.proto\x12\x0bloracast.v1\"J\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\xad\x03\n\x0f\x41\x64\x61pterManifest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x18\n\x10hypernet_version\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05\x61lpha\x18\x05 \x01(\x02\x12\x12\n\nuse_rslora\x18\x06 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12!\n\x05\x64type\x18\x08 \x01(\x0e\x32\x12.loracast.v1.DType\x12)\n\x07tensors\x18\t \x03(\x0b\x32\x18.loracast.v1.TensorEntry\x12\x12\n\ntotal_size\x18\n \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x0b \x01(\t\x12@\n\nprovenance\x18\x0c \x03(\x0b\x32,.loracast.v1.AdapterManifest.ProvenanceEntry\x12\x1a\n\x12other_dtype_sha256\x18\r \x01(\t\x1a\x31\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\x0c\x41\x64\x61pterChunk\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.loracast.v1.AdapterManifestH\x00\x12&\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x16.loracast.v1.DataChunkH\x00\x42\x06\n\x04part\")\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"X\n\x1eGenerateFromDescriptionRequest\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.loracast.v1.DType\"@\n\rDocumentChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.loracast.v1.DType\"n\n\x10GenerateResponse\x12.\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.loracast.v1.AdapterManifest\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\x12\x1a\n\x12generation_seconds\x18\x03 \x01(\x01\"p\n\x13\x46\x65tchAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.loracast.v1.DType\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x0e\x41\x64\x61pterSummary\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x18\n\x10hypernet_version\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\"^\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.loracast.v1.AdapterSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"k\n\x0cHypernetwork\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x18\n\x10hypernet_version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\"q\n\x10\x44\x65scribeResponse\x12\x18\n\x10\x62\x61se_fingerprint\x18\x01 \x01(\t\x12\x11\n\tbase_name\x18\x02 \x01(\t\x12\x30\n\rhypernetworks\x18\x03 \x03(\x0b\x32\x19.loracast.v1.Hypernetwork\"P\n\nAdapterRef\x12\x0e\n\x04task\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x64ocument\x18\x02 \x01(\x0cH\x00\x12\x14\n\nadapter_id\x18\x03 \x01(\tH\x00\x42\x08\n\x06source\"\x89\x01\n\x0fGenerateRequest\x12(\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x17.loracast.v1.AdapterRef\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12$\n\x04mode\x18\x04 \x01(\x0e\x32\x16.loracast.v1.ApplyMode\"s\n\x07Timings\x12\x1d\n\x15\x61\x64\x61pter_fetch_seconds\x18\x01 \x01(\x01\x12\x15\n\rapply_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xba\x02\n\rGenerateEvent\x12\x35\n\x07started\x18\x01 \x01(\x0b\x32\".loracast.v1.GenerateEvent.StartedH\x00\x12\x31\n\x05token\x18\x02 \x01(\x0b\x32 .loracast.v1.GenerateEvent.TokenH\x00\x12/\n\x04\x64one\x18\x03 \x01(\x0b\x32\x1f.loracast.v1.GenerateEvent.DoneH\x00\x1a/\n\x07Started\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x08resident\x18\x02 \x01(\x08\x1a\x15\n\x05Token\x12\x0c\n\x04text\x18\x01 \x01(\t\x1a=\n\x04\x44one\x12\x0e\n\x06tokens\x18\x01 \x01(\r\x12%\n\x07timings\x18\x02 \x01(\x0b\x32\x14.loracast.v1.TimingsB\x07\n\x05\x65vent\"S\n\x0fResidentAdapter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x18\n\x10hypernet_version\x18\x03 \x01(\t\"\x15\n\x13ListResidentRequest\"r\n\x14ListResidentResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.loracast.v1.ResidentAdapter\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\"<\n\x0fPrefetchRequest\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loracast.v1.AdapterRef\"\'\n\x10PrefetchResponse\x12\x13\n\x0b\x61\x64\x61pter_ids\x18\x01 \x03(\t*8\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02*A\n\tApplyMode\x12\x1a\n\x16\x41PPLY_MODE_UNSPECIFIED\x10\x00\x12\x0c\n\x08HOT_SWAP\x10\x01\x12\n\n\x06MERGED\x10\x02\x32\xb5\x03\n\x0b\x43oordinator\x12\x65\n\x17GenerateFromDescription\x12+.loracast.v1.GenerateFromDescriptionRequest\x1a\x1d.loracast.v1.GenerateResponse\x12R\n\x13InternalizeDocument\x12\x1a.loracast.v1.DocumentChunk\x1a\x1d.loracast.v1.GenerateResponse(\x01\x12M\n\x0c\x46\x65tchAdapter\x12 .loracast.v1.FetchAdapterRequest\x1a\x19.loracast.v1.AdapterChunk0\x01\x12S\n\x0cListAdapters\x12 .loracast.v1.ListAdaptersRequest\x1a!.loracast.v1.ListAdaptersResponse\x12G\n\x08\x44\x65scribe\x12\x1c.loracast.v1.DescribeRequest\x1a\x1d.loracast.v1.DescribeResponse2\xee\x01\n\x06Worker\x12\x46\n\x08Generate\x12\x1c.loracast.v1.GenerateRequest\x1a\x1a.loracast.v1.GenerateEvent0\x01\x12S\n\x0cListAdapters\x12 .loracast.v1.ListResidentRequest\x1a!.loracast.v1.ListResidentResponse\x12G\n\x08Prefetch\x12\x1c.loracast.v1.PrefetchRequest\x1a\x1d.loracast.v1.PrefetchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADAPTERMANIFEST_PROVENANCEENTRY']._loaded_options = None
   _globals['_ADAPTERMANIFEST_PROVENANCEENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2487
-  _globals['_DTYPE']._serialized_end=2543
-  _globals['_APPLYMODE']._serialized_start=2545
-  _globals['_APPLYMODE']._serialized_end=2610
+  _globals['_DTYPE']._serialized_start=2574
+  _globals['_DTYPE']._serialized_end=2630
+  _globals['_APPLYMODE']._serialized_start=2632
+  _globals['_APPLYMODE']._serialized_end=2697
   _globals['_TENSORENTRY']._serialized_start=43
   _globals['_TENSORENTRY']._serialized_end=117
   _globals['_ADAPTERMANIFEST']._serialized_start=120
@@ -56,41 +56,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FETCHADAPTERREQUEST']._serialized_start=976
   _globals['_FETCHADAPTERREQUEST']._serialized_end=1088
   _globals['_LISTADAPTERSREQUEST']._serialized_start=1090
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1111
-  _globals['_ADAPTERSUMMARY']._serialized_start=1113
-  _globals['_ADAPTERSUMMARY']._serialized_end=1211
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1213
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1282
-  _globals['_DESCRIBEREQUEST']._serialized_start=1284
-  _globals['_DESCRIBEREQUEST']._serialized_end=1301
-  _globals['_HYPERNETWORK']._serialized_start=1303
-  _globals['_HYPERNETWORK']._serialized_end=1410
-  _globals['_DESCRIBERESPONSE']._serialized_start=1412
-  _globals['_DESCRIBERESPONSE']._serialized_end=1525
-  _globals['_ADAPTERREF']._serialized_start=1527
-  _globals['_ADAPTERREF']._serialized_end=1607
-  _globals['_GENERATEREQUEST']._serialized_start=1610
-  _globals['_GENERATEREQUEST']._serialized_end=1747
-  _globals['_TIMINGS']._serialized_start=1749
-  _globals['_TIMINGS']._serialized_end=1864
-  _globals['_GENERATEEVENT']._serialized_start=1867
-  _globals['_GENERATEEVENT']._serialized_end=2181
-  _globals['_GENERATEEVENT_STARTED']._serialized_start=2039
-  _globals['_GENERATEEVENT_STARTED']._serialized_end=2086
-  _globals['_GENERATEEVENT_TOKEN']._serialized_start=2088
-  _globals['_GENERATEEVENT_TOKEN']._serialized_end=2109
-  _globals['_GENERATEEVENT_DONE']._serialized_start=2111
-  _globals['_GENERATEEVENT_DONE']._serialized_end=2172
-  _globals['_RESIDENTADAPTER']._serialized_start=2183
-  _globals['_RESIDENTADAPTER']._serialized_end=2266
-  _globals['_LISTRESIDENTRESPONSE']._serialized_start=2268
-  _globals['_LISTRESIDENTRESPONSE']._serialized_end=2382
-  _globals['_PREFETCHREQUEST']._serialized_start=2384
-  _globals['_PREFETCHREQUEST']._serialized_end=2444
-  _globals['_PREFETCHRESPONSE']._serialized_start=2446
-  _globals['_PREFETCHRESPONSE']._serialized_end=2485
-  _globals['_COORDINATOR']._serialized_start=2613
-  _globals['_COORDINATOR']._serialized_end=3050
-  _globals['_WORKER']._serialized_start=3053
-  _globals['_WORKER']._serialized_end=3291
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1150
+  _globals['_ADAPTERSUMMARY']._serialized_start=1152
+  _globals['_ADAPTERSUMMARY']._serialized_end=1250
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1252
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1346
+  _globals['_DESCRIBEREQUEST']._serialized_start=1348
+  _globals['_DESCRIBEREQUEST']._serialized_end=1365
+  _globals['_HYPERNETWORK']._serialized_start=1367
+  _globals['_HYPERNETWORK']._serialized_end=1474
+  _globals['_DESCRIBERESPONSE']._serialized_start=1476
+  _globals['_DESCRIBERESPONSE']._serialized_end=1589
+  _globals['_ADAPTERREF']._serialized_start=1591
+  _globals['_ADAPTERREF']._serialized_end=1671
+  _globals['_GENERATEREQUEST']._serialized_start=1674
+  _globals['_GENERATEREQUEST']._serialized_end=1811
+  _globals['_TIMINGS']._serialized_start=1813
+  _globals['_TIMINGS']._serialized_end=1928
+  _globals['_GENERATEEVENT']._serialized_start=1931
+  _globals['_GENERATEEVENT']._serialized_end=2245
+  _globals['_GENERATEEVENT_STARTED']._serialized_start=2103
+  _globals['_GENERATEEVENT_STARTED']._serialized_end=2150
+  _globals['_GENERATEEVENT_TOKEN']._serialized_start=2152
+  _globals['_GENERATEEVENT_TOKEN']._serialized_end=2173
+  _globals['_GENERATEEVENT_DONE']._serialized_start=2175
+  _globals['_GENERATEEVENT_DONE']._serialized_end=2236
+  _globals['_RESIDENTADAPTER']._serialized_start=2247
+  _globals['_RESIDENTADAPTER']._serialized_end=2330
+  _globals['_LISTRESIDENTREQUEST']._serialized_start=2332
+  _globals['_LISTRESIDENTREQUEST']._serialized_end=2353
+  _globals['_LISTRESIDENTRESPONSE']._serialized_start=2355
+  _globals['_LISTRESIDENTRESPONSE']._serialized_end=2469
+  _globals['_PREFETCHREQUEST']._serialized_start=2471
+  _globals['_PREFETCHREQUEST']._serialized_end=2531
+  _globals['_PREFETCHRESPONSE']._serialized_start=2533
+  _globals['_PREFETCHRESPONSE']._serialized_end=2572
+  _globals['_COORDINATOR']._serialized_start=2700
+  _globals['_COORDINATOR']._serialized_end=3137
+  _globals['_WORKER']._serialized_start=3140
+  _globals['_WORKER']._serialized_end=3378
 # @@protoc_insertion_point(module_scope)

@@ -129,8 +129,12 @@ class FetchAdapterRequest(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., offset: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class AdapterSummary(_message.Message):
     __slots__ = ("adapter_id", "hypernet_version", "source", "size_bytes")
@@ -145,10 +149,12 @@ class AdapterSummary(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., hypernet_version: _Optional[str] = ..., source: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
-    __slots__ = ("adapters",)
+    __slots__ = ("adapters", "next_page_token")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterSummary]
-    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterSummary, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -250,6 +256,10 @@ class ResidentAdapter(_message.Message):
     size_bytes: int
     hypernet_version: str
     def __init__(self, adapter_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., hypernet_version: _Optional[str] = ...) -> None: ...
+
+class ListResidentRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ListResidentResponse(_message.Message):
     __slots__ = ("adapters", "capacity_bytes", "used_bytes")

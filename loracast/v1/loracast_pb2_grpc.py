@@ -104,7 +104,11 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """The adapters in the cache, most recently used first.
+        """The adapters in the cache, most recently used first, a page at a time: ask again with `next_page_token`
+        until it comes back empty. An adapter used while you page moves to the front: pages already read do not
+        change, later ones no longer list it.
+        Errors: INVALID_ARGUMENT a page_token this coordinator did not issue, or issued before it restarted (list
+        again from the first page).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -316,7 +320,7 @@ class WorkerStub:
                 _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/loracast.v1.Worker/ListAdapters',
-                request_serializer=loracast_dot_v1_dot_loracast__pb2.ListAdaptersRequest.SerializeToString,
+                request_serializer=loracast_dot_v1_dot_loracast__pb2.ListResidentRequest.SerializeToString,
                 response_deserializer=loracast_dot_v1_dot_loracast__pb2.ListResidentResponse.FromString,
                 _registered_method=True)
         self.Prefetch = channel.unary_unary(
@@ -350,7 +354,8 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """The adapters resident on this worker, most recently used first.
+        """The adapters resident on this worker, most recently used first: all of them in one message (the worker's
+        cache is bounded in bytes, so the list is short; the coordinator's, which can be large, pages).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -374,7 +379,7 @@ def add_WorkerServicer_to_server(servicer, server):
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
-                    request_deserializer=loracast_dot_v1_dot_loracast__pb2.ListAdaptersRequest.FromString,
+                    request_deserializer=loracast_dot_v1_dot_loracast__pb2.ListResidentRequest.FromString,
                     response_serializer=loracast_dot_v1_dot_loracast__pb2.ListResidentResponse.SerializeToString,
             ),
             'Prefetch': grpc.unary_unary_rpc_method_handler(
@@ -439,7 +444,7 @@ class Worker:
             request,
             target,
             '/loracast.v1.Worker/ListAdapters',
-            loracast_dot_v1_dot_loracast__pb2.ListAdaptersRequest.SerializeToString,
+            loracast_dot_v1_dot_loracast__pb2.ListResidentRequest.SerializeToString,
             loracast_dot_v1_dot_loracast__pb2.ListResidentResponse.FromString,
             options,
             channel_credentials,
