@@ -188,7 +188,10 @@ class AdapterCache:
         if match is None:
             raise PageTokenError(f"page_token {token[:40]!r} is not one this coordinator issued; list from the start")
         if match[1] != self._run:
-            raise PageTokenError("page_token is from before this coordinator restarted; list again from the first page")
+            raise PageTokenError(
+                "page_token is not from this coordinator's current run (it restarted since, or the token is another"
+                " coordinator's); list again from the first page"
+            )
         return int(match[2])
 
     @property
