@@ -254,14 +254,16 @@ class AdapterCache:
             return victims
         total = sum(size for _, size in self._entries.values())
         while total > self.capacity_bytes and len(self._entries) > 1:
-            adapter_id, (_, size) = self._entries.popitem(last=False)
-            del self._stamps[adapter_id]
-            self._forget_memo(adapter_id)
+            adapter_id, (_, size) = next(iter(self._entries.items()))  # the least recently used
+            self._forget(adapter_id)
             victims.append(adapter_id)
             total -= size
         return victims
 
-    def _forget_memo(self, adapter_id: str) -> None:
+    def _forget(self, adapter_id: str) -> None:
+        """Under the lock: drop all that memory holds of `adapter_id` (index entry, use stamp, FLOAT16 memo)."""
+        self._entries.pop(adapter_id, None)
+        self._stamps.pop(adapter_id, None)
         old = self._memo.pop(adapter_id, None)
         if old is not None:
             self._memo_size -= len(old.payload)
@@ -269,9 +271,7 @@ class AdapterCache:
     def _drop(self, adapter_id: str, why: str) -> None:
         print(f"coordinator cache: adapter {adapter_id[:12]}…: {why}", file=sys.stderr, flush=True)
         with self._lock:
-            self._entries.pop(adapter_id, None)
-            self._stamps.pop(adapter_id, None)
-            self._forget_memo(adapter_id)
+            self._forget(adapter_id)
             self._adapter_path(adapter_id).unlink(missing_ok=True)
 
     @staticmethod
