@@ -7,17 +7,18 @@ One held-out fictional document of ~`tokens` tokens (a composite of generated pr
 its peak memory is its own, on the worker's engine (ONNX Runtime, `OnnxDecoder`, the real base model):
 
 - adapter: the coordinator's process internalizes the document (D2L, PyTorch) and writes the adapter; the worker's
-  process reads it, folds it into a session (merged: D2L targets `down_proj`), and answers each question with
-  the question alone in the prompt;
+  process reads it, hot-swaps it into its base session (the graph's `down_proj` LoRA inputs), and answers each
+  question with the question alone in the prompt;
 - in_context: the worker's process answers each question with the document before it in the prompt (the
   reference a user would otherwise pick), on the plain base model.
 
 Every answer decodes exactly `new_tokens` tokens (end-of-sequence cannot stop it): equal work per answer, so
 the sides differ only in the prompt. Cumulative latency for the first N questions counts, for the adapter, the
-internalization and the merge. Peak memory is the worker process's resident set (sampled every 2 ms) while
-answering, and over its whole life; the internalizing process's peak is reported beside it (it runs on the
-coordinator, not the edge). Ratios above 1 favour the adapter. Writes bench/results/d2l_answering.json, a
-markdown table and bench/results/d2l_answering.png (cumulative latency against N).
+internalization, reading the adapter and applying it (both sides build the same base session first, untimed).
+Peak memory is the worker process's resident set (sampled every 2 ms) while answering, and over its whole life;
+the internalizing process's peak is reported beside it (it runs on the coordinator, not the edge). Ratios above
+1 favour the adapter. Writes bench/results/d2l_answering.json, a markdown table and
+bench/results/d2l_answering.png (cumulative latency against N).
 """
 
 from __future__ import annotations
@@ -97,30 +98,26 @@ def role_internalize(args: argparse.Namespace) -> dict:
 
 
 def role_answer(args: argparse.Namespace) -> dict:
-    """The worker's side: answer every question, with the adapter merged or with the document in the prompt."""
+    """The worker's side: answer every question, with the adapter hot-swapped or with the document in the prompt."""
     from hypernet.sni_data import user_turn
     from loracast import adapter_format
     from worker import onnx_io
     from worker.chat import ChatTokenizer
     from worker.model_cache import MODEL_FILE, graph_metadata, prepare
-    from worker.onnx_session import OnnxDecoder, merge_weights, read_weights
+    from worker.onnx_session import OnnxDecoder
 
     text, questions = the_document(args.tokens, args.questions)
     model_dir = prepare("smollm2")
     tok = ChatTokenizer(model_dir)
     setup_s = 0.0
     model = model_dir / MODEL_FILE
+    decoder = OnnxDecoder(model)
     if args.role == "adapter":
-        # One session with the adapter folded in, built straight from the file: a device that serves this
-        # document needs no base session beside it (a worker serving many adapters keeps both).
         t0 = time.perf_counter()
         fingerprint = graph_metadata(model)[onnx_io.META_FINGERPRINT]
         adapter, spec, _ = adapter_format.load(Path(args.adapter), expected_fingerprint=fingerprint)
-        names = {onnx_io.weight_name(layer, module) for layer, module in adapter}
-        decoder = OnnxDecoder(model, initializers=merge_weights(read_weights(model, names), adapter, spec))
+        decoder.set_adapter(adapter, spec)
         setup_s = time.perf_counter() - t0
-    else:
-        decoder = OnnxDecoder(model)
     prompts = [tok.encode_chat(q if args.role == "adapter" else user_turn(q, text)) for q in questions]
     before_mb = rss_mb()
     latency, first = [], []
@@ -196,7 +193,7 @@ def plot(result: dict, path: Path) -> None:
     n = range(1, len(curves["adapter_s"]) + 1)
     with figure(path, figsize=(6, 4)) as ax:
         ax.plot(n, curves["in_context_s"], label="document in the prompt")
-        ax.plot(n, curves["adapter_s"], label="D2L adapter (incl. internalize + merge)")
+        ax.plot(n, curves["adapter_s"], label="D2L adapter (incl. internalize + apply)")
         ax.set_xlabel("questions asked about the document")
         ax.set_ylabel("cumulative seconds")
         ax.set_title(f"~{result['document_tokens']}-token document, {result['new_tokens']} tokens per answer")

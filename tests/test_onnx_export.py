@@ -129,12 +129,12 @@ def test_graph_has_the_contracted_inputs_outputs_and_metadata(exported, session,
     assert [o.name for o in session.get_outputs()] == outputs
     shapes = {i.name: i.shape for i in session.get_inputs()}
     assert isinstance(shapes["lora.0.q_proj.A"][0], str) and isinstance(shapes["lora.1.down_proj.B"][1], str)
-    assert onnx_io.LORA_SCALE not in shapes  # IO version 2: the scale is folded into B
-    assert meta_version(session) == onnx_io.IO_VERSION == "2"
+    assert onnx_io.LORA_SCALE not in shapes  # since IO version 2 the scale is folded into B
+    assert meta_version(session) == onnx_io.IO_VERSION == "3"
     meta = session.get_modelmeta().custom_metadata_map
     assert meta[onnx_io.META_FINGERPRINT] == base_model.load(str(tiny_base_dir)).fingerprint
     assert meta[onnx_io.META_TARGET_MODULES] == ",".join(ALL_MODULES)
-    assert (meta[onnx_io.META_NUM_LAYERS], meta[onnx_io.META_MAX_RANK]) == ("2", "16")
+    assert (meta[onnx_io.META_NUM_LAYERS], meta[onnx_io.META_MAX_RANK]) == ("2", str(onnx_export.HOT_SWAP_MAX_RANK))
     # The merged mode overrides target weights by name: they must be initializers, in HF layout (out, in).
     weights = {t.name: tuple(t.dims) for t in onnx.load(str(exported)).graph.initializer}
     assert weights[onnx_io.weight_name(1, "k_proj")] == (16, 32)
@@ -196,6 +196,6 @@ def test_default_export_with_external_data_is_atomic(tiny_base_dir, tmp_path, mo
     out = onnx_export.export(tiny_base_dir, tmp_path / "base.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.onnx", "base.onnx.data"]  # no temp files left
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == onnx_io.io_names(2, ("q_proj", "v_proj"))[0]
+    assert [i.name for i in session.get_inputs()] == onnx_io.io_names(2, onnx_export.HOT_SWAP_MODULES)[0]
     want = _reference(_torch_model(tiny_base_dir), PROMPTS, NEW_TOKENS)
     assert _max_diff(_decode(session, PROMPTS, NEW_TOKENS), want) < TOL

@@ -25,13 +25,14 @@ TOL = 1e-3
 REPO = Path(__file__).resolve().parents[1]
 SPEC_A = LoraSpec(("q_proj", "v_proj"), r=4, alpha=16.0)
 SPEC_B = LoraSpec(("q_proj",), r=2, alpha=4.0, use_rslora=False)  # another rank, one module left at rank 0
-SPEC_C = LoraSpec(("k_proj", "down_proj"), r=4, alpha=8.0)  # modules the graph has no LoRA inputs for
+SPEC_C = LoraSpec(("k_proj", "down_proj"), r=4, alpha=8.0)  # k_proj: the graph has no LoRA inputs for it
+SPEC_D = LoraSpec(("down_proj",), r=24)  # as Doc-to-LoRA adapts: down_proj, rank 8 per chunk (3 chunks here)
 EXTRA = [8, 300, 41]  # tokens fed one at a time through the KV cache after the prompt
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama exported with the default LoRA inputs (q_proj, v_proj)."""
+    """The tiny Llama exported with the default LoRA inputs (q_proj, v_proj, down_proj)."""
     return onnx_export.export(tiny_base_dir, tmp_path_factory.mktemp("onnx") / "base.onnx")
 
 
@@ -75,7 +76,7 @@ def _save_random_adapter(
 @pytest.fixture(scope="module")
 def adapters(tiny_base_dir, decoder, tmp_path_factory) -> dict[str, tuple[dict, LoraSpec, Path]]:
     root = tmp_path_factory.mktemp("adapters")
-    specs = {"A": SPEC_A, "B": SPEC_B, "C": SPEC_C}
+    specs = {"A": SPEC_A, "B": SPEC_B, "C": SPEC_C, "D": SPEC_D}
     return {
         name: _save_random_adapter(tiny_base_dir, spec, decoder.fingerprint, root / name, seed)
         for seed, (name, spec) in enumerate(specs.items(), start=1)
@@ -98,8 +99,9 @@ def _max_diff(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max())
 
 
-def test_hot_swap_matches_peft(decoder, adapters, prompt, tiny_base_dir):
-    adapter, spec, path = adapters["A"]
+@pytest.mark.parametrize("name", ["A", "D"])  # T2L's modules; D2L's down_proj at a rank above T2L's
+def test_hot_swap_matches_peft(decoder, adapters, prompt, tiny_base_dir, name):
+    adapter, spec, path = adapters[name]
     ids = prompt + EXTRA
     want = _reference_logits(tiny_base_dir, path, ids)
     assert _max_diff(want, _reference_logits(tiny_base_dir, None, ids)) > 1e-2, "the adapter must matter"
@@ -108,7 +110,7 @@ def test_hot_swap_matches_peft(decoder, adapters, prompt, tiny_base_dir):
         diff = _max_diff(decoder.logits(ids, prefill=len(prompt)), want)
     finally:
         decoder.clear_adapter()
-    print(f"\nhot-swap, prefill + {len(EXTRA)} cached steps vs PEFT: max abs diff {diff:.2e}")
+    print(f"\nhot-swap {spec.target_modules} r={spec.r}, prefill + {len(EXTRA)} cached steps vs PEFT: {diff:.2e}")
     assert diff < TOL
 
 

@@ -259,8 +259,18 @@ def _dynamic_axes(num_layers: int, target_modules: tuple[str, ...]) -> dict[str,
     return axes
 
 
+# What the shipped hypernetworks target, so both hot-swap: Text-to-LoRA q_proj and v_proj at rank 8, Doc-to-LoRA
+# down_proj at rank 8 per chunk, at most 64 (hypernet.d2l.D2LConfig.max_rank). A module's rank-0 branch costs
+# about 1% of a decode step (bench/bench_worker_decode.py); merging a D2L adapter instead costs a session build.
+HOT_SWAP_MODULES = ("q_proj", "v_proj", "down_proj")
+HOT_SWAP_MAX_RANK = 64
+
+
 def export(
-    model_dir: Path, out: Path, target_modules: tuple[str, ...] = ("q_proj", "v_proj"), max_rank: int = 16
+    model_dir: Path,
+    out: Path,
+    target_modules: tuple[str, ...] = HOT_SWAP_MODULES,
+    max_rank: int = HOT_SWAP_MAX_RANK,
 ) -> Path:
     """Export the model in `model_dir` (a Hugging Face directory) to `out`, atomically; returns `out`.
 

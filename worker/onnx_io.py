@@ -23,7 +23,9 @@ For a merged adapter, override the initializer `weight_name(i, module)` (layout 
 Face) with W + scale * B @ A via `SessionOptions.add_initializer` and feed rank-0 A/B.
 
 Version history: 1 had a `lora_scale` (1,) input multiplying B (A x) and a plain-op attention; 2 folds the
-scale into B and runs the attention as ONNX Runtime's fused com.microsoft ops (see `worker.onnx_export`).
+scale into B and runs the attention as ONNX Runtime's fused com.microsoft ops (see `worker.onnx_export`); 3 adds
+down_proj to the default target modules and raises the default max rank to 64, so Doc-to-LoRA adapters hot-swap
+too (a version-2 export lacks those inputs: the worker exports again).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ META_NUM_LAYERS = "loracast.num_layers"
 META_NUM_KV_HEADS = "loracast.num_kv_heads"
 META_HEAD_DIM = "loracast.head_dim"
 META_MAX_RANK = "loracast.max_rank"  # the largest adapter rank the worker should accept
-IO_VERSION = "2"
+IO_VERSION = "3"
 # Above this many bytes of weights a model file keeps its weights in `<file>.data`: a protobuf cannot exceed 2 GiB.
 MAX_INLINE_BYTES = 2**31 - 2**26
 

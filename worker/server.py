@@ -12,9 +12,9 @@ How a request's adapter is found (`AdapterRef`):
 - adapter_id: resident, else fetched from the coordinator.
 Concurrent generations share one `OnnxDecoder`: hot-swap sets the adapter and starts decoding under one lock
 (a generation keeps the adapter it started with), merged sessions are kept in a small LRU. An adapter the graph
-cannot hot-swap (a module it was not exported with, such as Doc-to-LoRA's down_proj, or a rank above its maximum)
-is merged instead, whatever mode was asked for: merging folds any linear at any rank. The `mode` label of the
-apply-time metric says which was used.
+cannot hot-swap (a module it was not exported with, or a rank above its maximum; the default export takes both
+hypernetworks' modules and ranks) is merged instead, whatever mode was asked for: merging folds any linear at any
+rank. The `mode` label of the apply-time metric says which was used.
 """
 
 from __future__ import annotations
