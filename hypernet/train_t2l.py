@@ -9,6 +9,12 @@ adapter of another training task's description, and each adds contrast * relu(ma
 CE_own)) to the loss: an adapter must do its own task better than another task's adapter does it, so
 the description has to matter (what the evaluation's control (e) measures). With contrast, the own-task
 term is the mean of per-example answer losses (without, the mean over all answer tokens).
+
+Description distillation (T2L with `distill` > 0): the first `distill_rows` examples of a step also run
+through the base model *with the description in the prompt* (the evaluation's condition (b)), and
+distill * KL(that teacher || the adapted student) over the answer tokens is added. SFT labels say what
+a training task's answers are; the teacher says how the base model reads its description, a function of
+the description text that exists for unseen descriptions too.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ class TrainArgs:
     contrast_rows: int = 4
     contrast_margin: float = 1.0
     shared_adapter: bool = False
+    distill: float = 0.0
+    distill_rows: int = 4
+    teacher_max_len: int = 320
     seed: int = 0
     checkpoint_every: int = 100
     threads: int | None = None
@@ -98,6 +107,17 @@ def example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return torch.zeros(n).index_add(0, rows, token) / torch.bincount(rows, minlength=n).clamp(min=1)
 
 
+def distill_loss(model: torch.nn.Module, student: torch.Tensor, teacher_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """KL(teacher || student) per answer token, averaged: `student` holds the adapted model's logits at the
+    answer positions of the distilled rows; the teacher (the base model, no adapter set, description in the
+    prompt) is run here on the same answers."""
+    with torch.no_grad():
+        teacher, _ = answer_logits(model, teacher_batch)
+    return torch.nn.functional.kl_div(
+        student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+
+
 def lr_at(step: int, args: TrainArgs) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -118,16 +138,17 @@ def train(args: TrainArgs) -> dict:
 
     # Examples longer than max_len are left out rather than cut: padding to one long example
     # would cost more than the rest of the batch, and a cut prompt loses the chat template.
+    # Each example is kept with its instance's description-in-prompt form, the distillation teacher's input.
     encoded = []
     for task in tasks:
         fits = [
-            e
+            (e, i)
             for i in task.instances
             if len((e := encode_example(tok, user_turn(i.input), i.output, 10**6))[0]) <= args.max_len
         ]
-        encoded.append(
-            fits or [encode_example(tok, user_turn(task.instances[0].input), task.instances[0].output, args.max_len)]
-        )
+        first = task.instances[0]
+        encoded.append(fits or [(encode_example(tok, user_turn(first.input), first.output, args.max_len), first)])
+    teacher_example = {}  # id(instance) -> its teacher encoding, made when first drawn
     encoder = DescriptionEncoder(args.encoder, base)
     variant_emb = [encoder(description_variants(t.definition, args.variants, rng)) for t in tqdm(tasks, desc="embed")]
     hyper = build_model(args.kind, encoder.dim, spec, base.model, args.shared_adapter)
@@ -144,9 +165,11 @@ def train(args: TrainArgs) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         picks = [rng.randrange(len(tasks)) for _ in range(args.batch_size)]
-        examples, embs = [], []
+        examples, embs, instances = [], [], []
         for ti in picks:
-            examples.append(rng.choice(encoded[ti]))
+            example, instance = rng.choice(encoded[ti])
+            examples.append(example)
+            instances.append((ti, instance))
             embs.append(variant_emb[ti][rng.randrange(args.variants)])
         contrasted = picks[: args.contrast_rows] if args.contrast > 0 and args.kind == "t2l" else []
         for row, ti in enumerate(contrasted):  # the same example again, under another task's adapter
@@ -158,11 +181,24 @@ def train(args: TrainArgs) -> dict:
         emb = torch.stack(embs)
         emb = emb + args.embed_noise * torch.randn_like(emb)
         set_adapter(wrappers, hyper(emb))
+        distilled = instances[: args.distill_rows] if args.distill > 0 and args.kind == "t2l" else []
         if contrasted:
             ce = example_losses(base.model, batch)
             own, other_ce = ce[: args.batch_size], ce[args.batch_size :]
             gap = other_ce - own[: len(contrasted)]
             loss = own.mean() + args.contrast * torch.relu(args.contrast_margin - gap).mean()
+        elif distilled:
+            logits, targets = answer_logits(base.model, batch)
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+            rows = (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
+            for ti, instance in distilled:
+                if id(instance) not in teacher_example:
+                    user = user_turn(instance.input, tasks[ti].definition)
+                    teacher_example[id(instance)] = encode_example(tok, user, instance.output, args.teacher_max_len)
+            teacher_batch = collate([teacher_example[id(i)] for _, i in distilled], tok.pad_token_id or 0)
+            set_adapter(wrappers, None)
+            kl = distill_loss(base.model, logits[rows < len(distilled)], teacher_batch)
+            loss = loss + args.distill * kl
         else:
             loss = answer_loss(base.model, batch)
         opt.zero_grad(set_to_none=True)
@@ -173,6 +209,8 @@ def train(args: TrainArgs) -> dict:
         log.append({"step": step + 1, "loss": round(loss.item(), 4)})
         if contrasted:  # how much worse another task's adapter does these examples
             log[-1]["contrast_gap"] = round(gap.mean().item(), 4)
+        if distilled:
+            log[-1]["distill_kl"] = round(kl.item(), 4)
         recent = [e["loss"] for e in log[-50:]]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:

@@ -102,7 +102,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         from hypernet.train_t2l import TrainArgs, train
 
-        given.update(encoder=args.encoder, contrast=args.contrast, shared_adapter=args.shared_adapter or None)
+        given.update(
+            encoder=args.encoder,
+            contrast=args.contrast,
+            shared_adapter=args.shared_adapter or None,
+            distill=args.distill,
+        )
         targs = TrainArgs(kind=args.kind, **common, **{k: v for k, v in given.items() if v is not None})
     meta = train(targs)
     print(f"wrote {targs.out}: final loss {meta['final_loss_50']:.3f}, {meta['wall_s_this_run']} s this run")
@@ -304,6 +309,11 @@ def parser() -> argparse.ArgumentParser:
         "--shared-adapter",
         action="store_true",
         help="t2l: the heads add to a learned per-layer adapter that every task shares",
+    )
+    t.add_argument(
+        "--distill",
+        type=float,
+        help="t2l: weight of the KL to the base model with the description in its prompt (not with --contrast)",
     )
     t.add_argument("--chunk-tokens", type=int, help="d2l: document tokens per chunk (default: 256)")
     t.add_argument("--chunk-scaler", choices=["none", "sqrt", "linear"], help="d2l: chunk B scale (default: sqrt)")

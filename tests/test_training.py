@@ -9,7 +9,7 @@ import torch
 
 from hypernet import checkpoint
 from hypernet.sni_data import collate, data_hash, encode_example, user_turn
-from hypernet.train_t2l import TrainArgs, answer_loss, example_losses, train
+from hypernet.train_t2l import TrainArgs, answer_logits, answer_loss, distill_loss, example_losses, train
 
 
 def _args(tmp_path, tiny_base_dir, tiny_data_dir, name: str, steps: int, kind: str = "t2l") -> TrainArgs:
@@ -104,3 +104,24 @@ def test_the_shared_adapter_learns_and_survives_the_checkpoint(tmp_path, tiny_ba
             head.weight.zero_(), head.bias.zero_()
         for (layer, module), (a, b) in hyper(emb).items():  # what is left is the layer's own A0, B0
             assert torch.equal(a[1], hyper.shared_A[module][layer]) and torch.equal(b[1], hyper.shared_B[module][layer])
+
+
+def test_description_distillation_pulls_the_student_toward_the_prompted_teacher(tmp_path, tiny_base_dir, tiny_data_dir):
+    def final_kl(name: str, weight: float) -> float:
+        args = _args(tmp_path, tiny_base_dir, tiny_data_dir, name, 16)
+        args.lr, args.distill, args.distill_rows = 1e-2, weight, 2
+        meta = train(args)
+        kls = [e["distill_kl"] for e in _log(args)]
+        assert len(kls) == 16 and kls[0] > 0  # the untrained adapter is the base model without the description
+        assert meta["train_args"]["distill"] == weight
+        return sum(kls[-4:])
+
+    # SFT alone moves the student away from the prompted teacher; a heavy distill term holds it closer.
+    assert final_kl("heavy", 100.0) < final_kl("light", 1e-6)
+
+
+def test_distill_loss_is_zero_for_the_same_model_and_prompt(tiny_base):
+    tok = tiny_base.tokenizer
+    batch = collate([encode_example(tok, user_turn("2 + 2"), "4", 64)], tok.pad_token_id or 0)
+    logits, _ = answer_logits(tiny_base.model, batch)
+    assert distill_loss(tiny_base.model, logits, batch).item() == pytest.approx(0.0, abs=1e-6)
