@@ -34,6 +34,7 @@ from hypernet.encoder import DescriptionEncoder
 from hypernet.sni_data import collate, data_hash, description_variants, encode_example, load_tasks, user_turn
 from hypernet.t2l import MultiTaskLoRA, T2LConfig, TextToLoRA
 from loracast import base_model
+from loracast.errors import UserError
 from loracast.lora import LoraSpec, inject, set_adapter, targets_of
 
 
@@ -126,6 +127,8 @@ def lr_at(step: int, args: TrainArgs) -> float:
 
 
 def train(args: TrainArgs) -> dict:
+    if args.contrast > 0 and args.distill > 0:
+        raise UserError("--contrast and --distill are separate experiments: give one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -148,7 +151,6 @@ def train(args: TrainArgs) -> dict:
         ]
         first = task.instances[0]
         encoded.append(fits or [(encode_example(tok, user_turn(first.input), first.output, args.max_len), first)])
-    teacher_example = {}  # id(instance) -> its teacher encoding, made when first drawn
     encoder = DescriptionEncoder(args.encoder, base)
     variant_emb = [encoder(description_variants(t.definition, args.variants, rng)) for t in tqdm(tasks, desc="embed")]
     hyper = build_model(args.kind, encoder.dim, spec, base.model, args.shared_adapter)
@@ -191,11 +193,13 @@ def train(args: TrainArgs) -> dict:
             logits, targets = answer_logits(base.model, batch)
             loss = torch.nn.functional.cross_entropy(logits, targets)
             rows = (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
-            for ti, instance in distilled:
-                if id(instance) not in teacher_example:
-                    user = user_turn(instance.input, tasks[ti].definition)
-                    teacher_example[id(instance)] = encode_example(tok, user, instance.output, args.teacher_max_len)
-            teacher_batch = collate([teacher_example[id(i)] for _, i in distilled], tok.pad_token_id or 0)
+            teacher_batch = collate(
+                [
+                    encode_example(tok, user_turn(i.input, tasks[ti].definition), i.output, args.teacher_max_len)
+                    for ti, i in distilled
+                ],
+                tok.pad_token_id or 0,
+            )
             set_adapter(wrappers, None)
             kl = distill_loss(base.model, logits[rows < len(distilled)], teacher_batch)
             loss = loss + args.distill * kl

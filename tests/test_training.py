@@ -10,6 +10,7 @@ import torch
 from hypernet import checkpoint
 from hypernet.sni_data import collate, data_hash, encode_example, user_turn
 from hypernet.train_t2l import TrainArgs, answer_logits, answer_loss, distill_loss, example_losses, train
+from loracast.errors import UserError
 
 
 def _args(tmp_path, tiny_base_dir, tiny_data_dir, name: str, steps: int, kind: str = "t2l") -> TrainArgs:
@@ -125,3 +126,10 @@ def test_distill_loss_is_zero_for_the_same_model_and_prompt(tiny_base):
     batch = collate([encode_example(tok, user_turn("2 + 2"), "4", 64)], tok.pad_token_id or 0)
     logits, _ = answer_logits(tiny_base.model, batch)
     assert distill_loss(tiny_base.model, logits, batch).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_contrast_and_distill_together_are_refused(tmp_path, tiny_base_dir, tiny_data_dir):
+    args = _args(tmp_path, tiny_base_dir, tiny_data_dir, "both", 2)
+    args.contrast, args.distill = 0.5, 1.0
+    with pytest.raises(UserError, match="--contrast and --distill"):
+        train(args)
