@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import write_rc_fixture
 
@@ -34,6 +35,15 @@ def _args(tmp_path: Path, tiny_d2l: Path, tiny_base_dir: Path, **overrides) -> E
     return EvalArgs(**{**args, **overrides})
 
 
+def assert_teacher_counted(speed: dict) -> None:
+    """The teacher's time is in the ratio. Checked through the recorded parts, not as "greater than" the ratio without
+    it: both are rounded to 0.1, and on a fast machine the tiny model's teacher time rounds away."""
+    with_teacher = (speed["cd_train_s_to_reach"] + speed["cd_teacher_s_median"]) / speed["d2l_internalize_s_median"]
+    # Its inputs are recorded to the millisecond: a few percent off for the tiny model.
+    assert speed["ratio_cd_with_teacher_over_d2l"] == pytest.approx(with_teacher, abs=0.1, rel=0.25)
+    assert speed["ratio_cd_with_teacher_over_d2l"] >= speed["ratio_cd_over_d2l"]
+
+
 def test_every_condition_needles_and_speed_are_measured(tmp_path, tiny_d2l, tiny_base_dir):
     result = evaluate(_args(tmp_path, tiny_d2l, tiny_base_dir))
     for name, expected_docs in (("fictional", 2), ("passages", 2)):
@@ -52,7 +62,7 @@ def test_every_condition_needles_and_speed_are_measured(tmp_path, tiny_d2l, tiny
     times = [p["train_s"] for p in speed["cd_curve"]]
     assert times == sorted(times) and times[0] > 0
     assert speed["ratio_cd_over_d2l"] > 0 and speed["cd_teacher_s_median"] > 0
-    assert speed["ratio_cd_with_teacher_over_d2l"] > speed["ratio_cd_over_d2l"]
+    assert_teacher_counted(speed)
     assert speed["ratio_is_lower_bound"] == (speed["cd_reached_at_step"] is None)
     text = table(result)
     assert "fictional (2 docs" in text and "| 64 |" in text and "context distillation reaches" in text
@@ -101,4 +111,4 @@ def test_speed_takes_a_length_and_at_most_one_question_per_fact(tmp_path, tiny_d
     assert speed["documents"] == 1 and speed["questions_per_document"] == 2
     assert speed["tokens_median"] > 64  # longer than the args' speed_tokens: the length argument counts
     assert "base_rougeL" in speed and speed["cd_teacher_s_median"] > 0
-    assert speed["ratio_cd_with_teacher_over_d2l"] > speed["ratio_cd_over_d2l"]
+    assert_teacher_counted(speed)
