@@ -99,10 +99,15 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     return torch.nn.functional.cross_entropy(*answer_logits(model, batch))
 
 
+def answer_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch row of each of `answer_logits`' positions, in the same order."""
+    return (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
+
+
 def example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy on answer tokens, averaged per example: (batch,)."""
     logits, targets = answer_logits(model, batch)
-    rows = (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
+    rows = answer_rows(batch)
     token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
     n = batch["labels"].shape[0]
     return torch.zeros(n).index_add(0, rows, token) / torch.bincount(rows, minlength=n).clamp(min=1)
@@ -192,7 +197,6 @@ def train(args: TrainArgs) -> dict:
         elif distilled:
             logits, targets = answer_logits(base.model, batch)
             loss = torch.nn.functional.cross_entropy(logits, targets)
-            rows = (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
             teacher_batch = collate(
                 [
                     encode_example(tok, user_turn(i.input, tasks[ti].definition), i.output, args.teacher_max_len)
@@ -201,7 +205,7 @@ def train(args: TrainArgs) -> dict:
                 tok.pad_token_id or 0,
             )
             set_adapter(wrappers, None)
-            kl = distill_loss(base.model, logits[rows < len(distilled)], teacher_batch)
+            kl = distill_loss(base.model, logits[answer_rows(batch) < len(distilled)], teacher_batch)
             loss = loss + args.distill * kl
         else:
             loss = answer_loss(base.model, batch)

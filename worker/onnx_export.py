@@ -260,8 +260,9 @@ def _dynamic_axes(num_layers: int, target_modules: tuple[str, ...]) -> dict[str,
 
 
 # What the shipped hypernetworks target, so both hot-swap: Text-to-LoRA q_proj and v_proj at rank 8, Doc-to-LoRA
-# down_proj at rank 8 per chunk, at most 64 (hypernet.d2l.D2LConfig.max_rank). A module's rank-0 branch costs
-# about 1% of a decode step (bench/bench_worker_decode.py); merging a D2L adapter instead costs a session build.
+# down_proj at rank 8 per chunk, at most 64 (hypernet.d2l.D2LConfig.max_rank). The rank-0 branches cost no decode
+# speed we could measure (bench/bench_worker_decode.py: 5.67x PyTorch with down_proj's, 5.38x and 5.39x without);
+# merging a D2L adapter instead costs a session build.
 HOT_SWAP_MODULES = ("q_proj", "v_proj", "down_proj")
 HOT_SWAP_MAX_RANK = 64
 
