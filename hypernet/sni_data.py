@@ -100,6 +100,27 @@ def description_variants(definition: str, n: int, rng: random.Random) -> list[st
     return variants
 
 
+def load_paraphrases(path: Path, tasks: list[Task], data_dir: Path) -> dict[str, list[str]]:
+    """Extra descriptions per training task from a JSON file {"tasks": {task name: [description, ...]}}.
+
+    The file must name only tasks of `tasks` (the training split), and never a task of the data's dev split:
+    dev descriptions are validation only.
+    """
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))["tasks"]
+        paraphrases = {str(name): [str(d).strip() for d in texts] for name, texts in raw.items()}
+    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a paraphrase file {{'tasks': {{name: [descriptions]}}}} ({exc!r})") from exc
+    dev = {p.stem for p in (Path(data_dir) / "sni" / "dev").glob("*.json")}
+    if leaked := sorted(set(paraphrases) & dev):
+        raise DataError(f"{path}: describes dev tasks {leaked[:3]}; dev is validation only, remove them")
+    if unknown := sorted(set(paraphrases) - {t.name for t in tasks}):
+        raise DataError(f"{path}: tasks {unknown[:3]} are not in the training split of {data_dir}")
+    if empty := sorted(n for n, texts in paraphrases.items() if not all(texts)):
+        raise DataError(f"{path}: empty descriptions for {empty[:3]}")
+    return paraphrases
+
+
 def user_turn(instance_input: str, description: str | None = None) -> str:
     """The user turn: the input alone, or (the in-prompt baseline) the description before it."""
     return instance_input if description is None else f"{description}\n\n{instance_input}"

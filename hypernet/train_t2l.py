@@ -19,6 +19,7 @@ the description text that exists for unseen descriptions too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -31,7 +32,15 @@ from tqdm import tqdm
 
 from hypernet import checkpoint
 from hypernet.encoder import DescriptionEncoder
-from hypernet.sni_data import collate, data_hash, description_variants, encode_example, load_tasks, user_turn
+from hypernet.sni_data import (
+    collate,
+    data_hash,
+    description_variants,
+    encode_example,
+    load_paraphrases,
+    load_tasks,
+    user_turn,
+)
 from hypernet.t2l import MultiTaskLoRA, T2LConfig, TextToLoRA
 from loracast import base_model
 from loracast.errors import UserError
@@ -54,6 +63,7 @@ class TrainArgs:
     warmup: int = 30
     max_len: int = 128
     variants: int = 8
+    paraphrases: Path | None = None
     embed_noise: float = 0.02
     contrast: float = 0.0
     contrast_rows: int = 4
@@ -157,7 +167,11 @@ def train(args: TrainArgs) -> dict:
         first = task.instances[0]
         encoded.append(fits or [(encode_example(tok, user_turn(first.input), first.output, args.max_len), first)])
     encoder = DescriptionEncoder(args.encoder, base)
-    variant_emb = [encoder(description_variants(t.definition, args.variants, rng)) for t in tqdm(tasks, desc="embed")]
+    extra = load_paraphrases(args.paraphrases, tasks, args.data_dir) if args.paraphrases else {}
+    variant_emb = [
+        encoder(description_variants(t.definition, args.variants, rng) + extra.get(t.name, []))
+        for t in tqdm(tasks, desc="embed")
+    ]
     hyper = build_model(args.kind, encoder.dim, spec, base.model, args.shared_adapter)
     opt = torch.optim.AdamW(hyper.parameters(), lr=args.lr, weight_decay=0.01)
 
@@ -177,13 +191,13 @@ def train(args: TrainArgs) -> dict:
             example, instance = rng.choice(encoded[ti])
             examples.append(example)
             instances.append((ti, instance))
-            embs.append(variant_emb[ti][rng.randrange(args.variants)])
+            embs.append(variant_emb[ti][rng.randrange(len(variant_emb[ti]))])
         contrasted = picks[: args.contrast_rows] if args.contrast > 0 and args.kind == "t2l" else []
         for row, ti in enumerate(contrasted):  # the same example again, under another task's adapter
             other = rng.randrange(len(tasks) - 1)
             other += other >= ti
             examples.append(examples[row])
-            embs.append(variant_emb[other][rng.randrange(args.variants)])
+            embs.append(variant_emb[other][rng.randrange(len(variant_emb[other]))])
         batch = collate(examples, tok.pad_token_id or 0)
         emb = torch.stack(embs)
         emb = emb + args.embed_noise * torch.randn_like(emb)
@@ -229,6 +243,7 @@ def train(args: TrainArgs) -> dict:
         "encoder": args.encoder,
         "base_fingerprint": base.fingerprint,
         "data_sha256": data_hash(args.data_dir, "train"),
+        "paraphrases_sha256": hashlib.sha256(args.paraphrases.read_bytes()).hexdigest() if args.paraphrases else None,
         "train_args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "final_loss_50": sum(e["loss"] for e in log[-50:]) / max(1, len(log[-50:])),
         "wall_s_this_run": round(time.time() - t0, 1),

@@ -107,6 +107,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             contrast=args.contrast,
             shared_adapter=args.shared_adapter or None,
             distill=args.distill,
+            paraphrases=Path(args.paraphrases) if args.paraphrases else None,
         )
         targs = TrainArgs(kind=args.kind, **common, **{k: v for k, v in given.items() if v is not None})
     meta = train(targs)
@@ -314,6 +315,10 @@ def parser() -> argparse.ArgumentParser:
         "--distill",
         type=float,
         help="t2l: weight of the KL to the base model with the description in its prompt (not with --contrast)",
+    )
+    t.add_argument(
+        "--paraphrases",
+        help="t2l/mtl: JSON file of extra descriptions per training task, {'tasks': {name: [text, ...]}}",
     )
     t.add_argument("--chunk-tokens", type=int, help="d2l: document tokens per chunk (default: 256)")
     t.add_argument("--chunk-scaler", choices=["none", "sqrt", "linear"], help="d2l: chunk B scale (default: sqrt)")

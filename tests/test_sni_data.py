@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
 from hypernet.eval_t2l import score
-from hypernet.sni_data import DataError, description_variants, encode_example, load_tasks, user_turn
+from hypernet.sni_data import (
+    DataError,
+    description_variants,
+    encode_example,
+    load_paraphrases,
+    load_tasks,
+    user_turn,
+)
 
 
 def test_labels_cover_exactly_the_answer_and_end_of_turn(tiny_base):
@@ -52,3 +60,26 @@ def test_scores_take_the_best_gold_answer():
     # Contained means whole words: "12" is not in "1234", and an empty gold answer never counts.
     assert score("It was 1234.", ("12",))["contained"] == 0.0
     assert score("anything", ("",))["contained"] == 0.0
+
+
+def _paraphrase_file(tmp_path: Path, tasks: object) -> Path:
+    path = tmp_path / "paraphrases.json"
+    path.write_text(json.dumps({"tasks": tasks}))
+    return path
+
+
+def test_paraphrases_load_for_training_tasks_and_never_for_dev_ones(tiny_data_dir, tmp_path):
+    tasks = load_tasks(tiny_data_dir, "train")
+    good = _paraphrase_file(tmp_path, {"task1_reverse": [" Flip the list. ", "Give the list backwards."]})
+    assert load_paraphrases(good, tasks, tiny_data_dir) == {
+        "task1_reverse": ["Flip the list.", "Give the list backwards."]
+    }
+    cases = {
+        "describes dev tasks": {"task3_upper": ["Capitalize the word."]},
+        "not in the training split": {"task9_unknown": ["Do something."]},
+        "empty descriptions": {"task1_reverse": ["Flip it.", "  "]},
+        "not a paraphrase file": ["a list, not an object"],
+    }
+    for message, content in cases.items():
+        with pytest.raises(DataError, match=message):
+            load_paraphrases(_paraphrase_file(tmp_path, content), tasks, tiny_data_dir)

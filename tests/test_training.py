@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -133,3 +134,16 @@ def test_contrast_and_distill_together_are_refused(tmp_path, tiny_base_dir, tiny
     args.contrast, args.distill = 0.5, 1.0
     with pytest.raises(UserError, match="--contrast and --distill"):
         train(args)
+
+
+def test_paraphrases_join_the_description_variants_and_are_recorded(tmp_path, tiny_base_dir, tiny_data_dir):
+    plain = _args(tmp_path, tiny_base_dir, tiny_data_dir, "plain", 3)
+    train(plain)
+    para = _args(tmp_path, tiny_base_dir, tiny_data_dir, "para", 3)
+    para.paraphrases = tmp_path / "paraphrases.json"
+    texts = ["Output the list in reverse order.", "Flip the list.", "Write the items last to first."]
+    para.paraphrases.write_text(json.dumps({"tasks": {"task1_reverse": texts}}))
+    meta = train(para)
+    assert meta["paraphrases_sha256"] == hashlib.sha256(para.paraphrases.read_bytes()).hexdigest()
+    assert checkpoint.load(para.out)[1]["paraphrases_sha256"] == meta["paraphrases_sha256"]
+    assert _log(para) != _log(plain)  # some steps drew a paraphrase's embedding
