@@ -203,11 +203,8 @@ def _tok_s(decoder: OnnxDecoder, prompt: list[int], new_tokens: int) -> float:
 
 def _hot_swap(decoder: OnnxDecoder, adapter: Adapter, spec: LoraSpec) -> dict[str, Any]:
     """set_adapter's median time, or why the graph cannot take this adapter as inputs."""
-    missing = [m for m in spec.target_modules if m not in decoder.target_modules]
-    if missing:
-        return {"hot_swap": False, "hot_swap_why_not": f"the graph has no LoRA inputs for {', '.join(missing)}"}
-    if spec.r > decoder.max_rank:
-        return {"hot_swap": False, "hot_swap_why_not": f"r above the graph's max_rank {decoder.max_rank}"}
+    if refusal := decoder.hot_swap_refusal(adapter, spec):
+        return {"hot_swap": False, "hot_swap_why_not": refusal}
     swaps = []
     for _ in range(SWAP_REPEATS):
         swaps.append(_clock(decoder.set_adapter, adapter, spec)[0])

@@ -3,6 +3,7 @@ PyTorch + PEFT, greedy KV-cache decoding matches HF generate, and the chat promp
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,7 +130,10 @@ def test_merged_session_matches_peft_and_leaves_the_base_alone(decoder, adapters
 
 def test_merged_session_takes_modules_the_graph_has_no_lora_inputs_for(decoder, adapters, prompt, tiny_base_dir):
     adapter, spec, path = adapters["C"]
-    with pytest.raises(ValueError, match="no LoRA input"):
+    refusal = decoder.hot_swap_refusal(adapter, spec)  # what the worker checks to choose merging
+    assert refusal.startswith("the graph has no LoRA inputs for k_proj (")
+    assert decoder.hot_swap_refusal(*adapters["A"][:2]) is None
+    with pytest.raises(ValueError, match=re.escape(refusal)):
         decoder.set_adapter(adapter, spec)
     diff = _max_diff(decoder.merged(adapter, spec).logits(prompt), _reference_logits(tiny_base_dir, path, prompt))
     print(f"\nmerged k_proj + down_proj vs PEFT: max abs diff {diff:.2e}")

@@ -351,6 +351,22 @@ class OnnxDecoder:
 
     # -- adapters ---------------------------------------------------------------------------------------------
 
+    def hot_swap_refusal(self, adapter: Adapter, spec: LoraSpec) -> str | None:
+        """Why this graph cannot take the adapter as inputs (its rank, or a module without LoRA inputs), else None.
+
+        The worker merges what this refuses, and `set_adapter` raises it as a ValueError.
+        """
+        if spec.r > self.max_rank:
+            return f"adapter rank {spec.r} is above this worker's maximum {self.max_rank}"
+        missing = [key for key in adapter if onnx_io.lora_name(*key, "A") not in self._lora_dims]
+        if missing:
+            modules = ", ".join(dict.fromkeys(module for _, module in missing))
+            return (
+                f"the graph has no LoRA inputs for {modules} (layer {missing[0][0]} first; hot-swappable modules: "
+                f"{', '.join(self.target_modules) or 'none'}); use a merged decoder or export with that module"
+            )
+        return None
+
     def set_adapter(self, adapter: Adapter, spec: LoraSpec) -> None:
         """Hot-swap: feed this adapter's A and B from the next run on; the session is kept.
 
@@ -358,16 +374,11 @@ class OnnxDecoder:
         """
         if self.merged_spec is not None:
             raise RuntimeError("this decoder has an adapter merged into its weights; hot-swap on the base decoder")
-        if spec.r > self.max_rank:
-            raise ValueError(f"adapter rank {spec.r} is above this worker's maximum {self.max_rank}")
+        if refusal := self.hot_swap_refusal(adapter, spec):
+            raise ValueError(refusal)
         feed = dict(self._rank0)
         for (layer, module), (a, b) in adapter.items():
             name_a, name_b = onnx_io.lora_name(layer, module, "A"), onnx_io.lora_name(layer, module, "B")
-            if name_a not in self._lora_dims:
-                raise ValueError(
-                    f"the graph has no LoRA input for layer {layer} {module!r} (hot-swappable modules: "
-                    f"{', '.join(self.target_modules) or 'none'}); use a merged decoder or export with that module"
-                )
             a, b = _float32(a), _float32(b)
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
                 raise ValueError(f"adapter ({layer}, {module!r}): A {a.shape} and B {b.shape} are not a LoRA pair")

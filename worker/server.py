@@ -228,11 +228,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def _mode(self, resident: Resident | None, asked: str) -> str:
         """The mode an adapter is applied in: the one asked for, or merged when the graph cannot hot-swap it."""
-        if resident is None:
+        if resident is None or self.decoder.hot_swap_refusal(resident.adapter, resident.spec) is None:
             return asked
-        modules = {module for _, module in resident.adapter}  # what set_adapter feeds, whatever the manifest lists
-        hot = modules <= set(self.decoder.target_modules) and resident.spec.r <= self.decoder.max_rank
-        return asked if hot else "merged"
+        return "merged"
 
     def _start_decoding(self, resident: Resident | None, mode: str, prompt: list[int], max_new: int) -> Iterator[int]:
         eos = self.tokenizer.eos_id
