@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -43,6 +44,19 @@ def save(path: Path, model: Hypernetwork, meta: dict) -> None:
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
     with replacing(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp, metadata=metadata)
+
+
+def save_trained(model: Hypernetwork, meta: dict, args: Any, log: list[dict], log_path: Path) -> dict:
+    """End a training run: the checkpoint at `args.out` records `meta`, the run's arguments and its final loss
+    (mean of the last 50 steps); the loss log goes to `log_path`. Returns the metadata written."""
+    meta = {
+        **meta,
+        "train_args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "final_loss_50": sum(e["loss"] for e in log[-50:]) / max(1, len(log[-50:])),
+    }
+    save(args.out, model.eval(), meta)
+    log_path.write_text(json.dumps(log))
+    return meta
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -20,7 +20,6 @@ the description text that exists for unseen descriptions too.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import time
@@ -244,10 +243,6 @@ def train(args: TrainArgs) -> dict:
         "base_fingerprint": base.fingerprint,
         "data_sha256": data_hash(args.data_dir, "train"),
         "paraphrases_sha256": hashlib.sha256(args.paraphrases.read_bytes()).hexdigest() if args.paraphrases else None,
-        "train_args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "final_loss_50": sum(e["loss"] for e in log[-50:]) / max(1, len(log[-50:])),
         "wall_s_this_run": round(time.time() - t0, 1),
     }
-    checkpoint.save(args.out, hyper.eval(), meta)
-    (args.work_dir / f"{args.kind}-log.json").write_text(json.dumps(log))
-    return meta
+    return checkpoint.save_trained(hyper, meta, args, log, args.work_dir / f"{args.kind}-log.json")
