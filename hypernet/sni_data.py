@@ -21,6 +21,8 @@ from transformers import PreTrainedTokenizerBase
 from loracast.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Six LLM-written descriptions per sni/train task, shipped as data: what the shipped T2L checkpoint trained on.
+DEFAULT_PARAPHRASES = REPO_ROOT / "hypernet" / "data" / "sni_train_paraphrases.json"
 
 
 class DataError(UserError, ValueError):
@@ -115,7 +117,10 @@ def load_paraphrases(path: Path, tasks: list[Task], data_dir: Path) -> dict[str,
     if leaked := sorted(set(paraphrases) & dev):
         raise DataError(f"{path}: describes dev tasks {leaked[:3]}; dev is validation only, remove them")
     if unknown := sorted(set(paraphrases) - {t.name for t in tasks}):
-        raise DataError(f"{path}: tasks {unknown[:3]} are not in the training split of {data_dir}")
+        raise DataError(
+            f"{path}: tasks {unknown[:3]} are not in the training split of {data_dir}; "
+            "pass --paraphrases none to train on the definitions alone"
+        )
     if empty := sorted(n for n, texts in paraphrases.items() if not all(texts)):
         raise DataError(f"{path}: empty descriptions for {empty[:3]}")
     return paraphrases

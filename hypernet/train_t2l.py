@@ -32,6 +32,7 @@ from tqdm import tqdm
 from hypernet import checkpoint
 from hypernet.encoder import DescriptionEncoder
 from hypernet.sni_data import (
+    DEFAULT_PARAPHRASES,
     collate,
     data_hash,
     description_variants,
@@ -62,7 +63,7 @@ class TrainArgs:
     warmup: int = 30
     max_len: int = 128
     variants: int = 8
-    paraphrases: Path | None = None
+    paraphrases: Path | None = DEFAULT_PARAPHRASES  # t2l only: the multi-task LoRA never sees a description
     embed_noise: float = 0.02
     contrast: float = 0.0
     contrast_rows: int = 4
@@ -166,7 +167,8 @@ def train(args: TrainArgs) -> dict:
         first = task.instances[0]
         encoded.append(fits or [(encode_example(tok, user_turn(first.input), first.output, args.max_len), first)])
     encoder = DescriptionEncoder(args.encoder, base)
-    extra = load_paraphrases(args.paraphrases, tasks, args.data_dir) if args.paraphrases else {}
+    paraphrases = args.paraphrases if args.kind == "t2l" else None
+    extra = load_paraphrases(paraphrases, tasks, args.data_dir) if paraphrases else {}
     variant_emb = [
         encoder(description_variants(t.definition, args.variants, rng) + extra.get(t.name, []))
         for t in tqdm(tasks, desc="embed")
@@ -242,7 +244,7 @@ def train(args: TrainArgs) -> dict:
         "encoder": args.encoder,
         "base_fingerprint": base.fingerprint,
         "data_sha256": data_hash(args.data_dir, "train"),
-        "paraphrases_sha256": hashlib.sha256(args.paraphrases.read_bytes()).hexdigest() if args.paraphrases else None,
+        "paraphrases_sha256": hashlib.sha256(paraphrases.read_bytes()).hexdigest() if paraphrases else None,
         "wall_s_this_run": round(time.time() - t0, 1),
     }
     return checkpoint.save_trained(hyper, meta, args, log, args.work_dir / f"{args.kind}-log.json")

@@ -107,9 +107,10 @@ def cmd_train(args: argparse.Namespace) -> None:
             contrast=args.contrast,
             shared_adapter=args.shared_adapter or None,
             distill=args.distill,
-            paraphrases=Path(args.paraphrases) if args.paraphrases else None,
         )
         targs = TrainArgs(kind=args.kind, **common, **{k: v for k, v in given.items() if v is not None})
+        if args.paraphrases is not None:  # unset keeps TrainArgs' default, the shipped file
+            targs.paraphrases = None if args.paraphrases.lower() == "none" else Path(args.paraphrases)
     meta = train(targs)
     print(f"wrote {targs.out}: final loss {meta['final_loss_50']:.3f}, {meta['wall_s_this_run']} s this run")
 
@@ -318,7 +319,8 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--paraphrases",
-        help="t2l/mtl: JSON file of extra descriptions per training task, {'tasks': {name: [text, ...]}}",
+        help="t2l: JSON file of extra descriptions per training task, {'tasks': {name: [text, ...]}} "
+        "(default: the shipped hypernet/data/sni_train_paraphrases.json; 'none': the task definitions alone)",
     )
     t.add_argument("--chunk-tokens", type=int, help="d2l: document tokens per chunk (default: 256)")
     t.add_argument("--chunk-scaler", choices=["none", "sqrt", "linear"], help="d2l: chunk B scale (default: sqrt)")

@@ -10,7 +10,9 @@ import pytest
 
 from hypernet.eval_t2l import score
 from hypernet.sni_data import (
+    DEFAULT_PARAPHRASES,
     DataError,
+    default_data_dir,
     description_variants,
     encode_example,
     load_paraphrases,
@@ -83,3 +85,19 @@ def test_paraphrases_load_for_training_tasks_and_never_for_dev_ones(tiny_data_di
     for message, content in cases.items():
         with pytest.raises(DataError, match=message):
             load_paraphrases(_paraphrase_file(tmp_path, content), tasks, tiny_data_dir)
+
+
+def _real_data() -> list[Path | None]:
+    """None (the file alone) always; the real data set as well where it is present (a second case, not a skip)."""
+    real = default_data_dir()
+    return [None] + ([real] if real and (real / "sni" / "train").is_dir() else [])
+
+
+@pytest.mark.parametrize("data_dir", _real_data(), ids=lambda p: "file" if p is None else "shared-data")
+def test_the_shipped_paraphrases_give_six_descriptions_to_each_training_task(data_dir: Path | None):
+    shipped = json.loads(DEFAULT_PARAPHRASES.read_text(encoding="utf-8"))["tasks"]
+    assert len(shipped) == 151
+    assert all(len(texts) == 6 and all(t.strip() for t in texts) for texts in shipped.values())
+    if data_dir is not None:  # and they name exactly the training tasks, none of dev's
+        tasks = load_tasks(data_dir, "train")
+        assert set(load_paraphrases(DEFAULT_PARAPHRASES, tasks, data_dir)) == {t.name for t in tasks}

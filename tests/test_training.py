@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from hypernet import checkpoint
-from hypernet.sni_data import collate, data_hash, encode_example, user_turn
+from hypernet import checkpoint, train_t2l
+from hypernet.sni_data import DEFAULT_PARAPHRASES, collate, data_hash, encode_example, user_turn
 from hypernet.train_t2l import TrainArgs, answer_logits, answer_loss, distill_loss, example_losses, train
+from loracast.cli import main
 from loracast.errors import UserError
 
 
@@ -25,6 +27,7 @@ def _args(tmp_path, tiny_base_dir, tiny_data_dir, name: str, steps: int, kind: s
         batch_size=2,
         warmup=1,
         checkpoint_every=2,
+        paraphrases=None,  # the shipped file describes the real training tasks, not the fixture's
     )
 
 
@@ -147,3 +150,23 @@ def test_paraphrases_join_the_description_variants_and_are_recorded(tmp_path, ti
     assert meta["paraphrases_sha256"] == hashlib.sha256(para.paraphrases.read_bytes()).hexdigest()
     assert checkpoint.load(para.out)[1]["paraphrases_sha256"] == meta["paraphrases_sha256"]
     assert _log(para) != _log(plain)  # some steps drew a paraphrase's embedding
+
+
+def test_the_multi_task_lora_ignores_paraphrases(tmp_path, tiny_base_dir, tiny_data_dir):
+    """It never sees a description, so the shipped file must not change which examples its run draws."""
+    plain = _args(tmp_path, tiny_base_dir, tiny_data_dir, "mtl-plain", 3, kind="mtl")
+    train(plain)
+    para = _args(tmp_path, tiny_base_dir, tiny_data_dir, "mtl-para", 3, kind="mtl")
+    para.paraphrases = tmp_path / "paraphrases.json"
+    para.paraphrases.write_text(json.dumps({"tasks": {"task1_reverse": ["Flip the list.", "Reverse it."]}}))
+    assert train(para)["paraphrases_sha256"] is None
+    assert _log(para) == _log(plain)
+
+
+def test_train_t2l_takes_the_shipped_paraphrases_unless_told_otherwise(tmp_path, monkeypatch):
+    seen: list[TrainArgs] = []
+    monkeypatch.setattr(train_t2l, "train", lambda a: seen.append(a) or {"final_loss_50": 0.0, "wall_s_this_run": 0})
+    argv = ["train", "t2l", "--data", str(tmp_path), "--work-dir", str(tmp_path), "--out", str(tmp_path / "o")]
+    for extra in ([], ["--paraphrases", "none"], ["--paraphrases", "mine.json"]):
+        assert main([*argv, *extra]) == 0
+    assert [a.paraphrases for a in seen] == [DEFAULT_PARAPHRASES, None, Path("mine.json")]
