@@ -1,8 +1,10 @@
 """Train Text-to-LoRA (or the multi-task LoRA baseline) by SFT through the frozen base model.
 
 Each step draws examples from random training tasks; every example gets the adapter the
-hypernetwork generates from (a variant of) its task's description, and the loss is the base
-model's cross-entropy on the answer tokens. Only the hypernetwork learns.
+hypernetwork generates from one description of its task (the SNI definition, a subset of its
+sentences, or one of the paraphrases in `paraphrases`), and the loss is the base model's
+cross-entropy on the answer tokens. Only the hypernetwork learns. Paraphrases are what made the
+description matter on unseen tasks (README): SNI has one definition per task, the anchor many.
 
 Contrast (T2L with `contrast` > 0): the first `contrast_rows` examples of a step also run with the
 adapter of another training task's description, and each adds contrast * relu(margin - (CE_other -
