@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench eval protos
+.PHONY: setup system-packages demo test lint bench eval protos
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The Debian packages the tests run for real (Prometheus): installed as root or with sudo, else named.
+system-packages:
+	bash deploy/system-packages.sh
+
+test: lint system-packages
 	$(BIN)/pytest -q
 
 # llama.cpp (the decode baseline) is built from its sdist for this CPU the first time: a few minutes.

@@ -94,10 +94,11 @@ def _real_data() -> list[Path | None]:
 
 
 @pytest.mark.parametrize("data_dir", _real_data(), ids=lambda p: "file" if p is None else "shared-data")
-def test_the_shipped_paraphrases_give_six_descriptions_to_each_training_task(data_dir: Path | None):
+def test_the_shipped_paraphrases_give_six_descriptions_to_training_tasks_only(data_dir: Path | None):
     shipped = json.loads(DEFAULT_PARAPHRASES.read_text(encoding="utf-8"))["tasks"]
-    assert len(shipped) == 151
+    assert len(shipped) == 151  # written for the 151 training tasks of before 2026-12-07
     assert all(len(texts) == 6 and all(t.strip() for t in texts) for texts in shipped.values())
-    if data_dir is not None:  # and they name exactly the training tasks, none of dev's
+    if data_dir is not None:  # training tasks all, none of dev's (the training split has grown since)
         tasks = load_tasks(data_dir, "train")
-        assert set(load_paraphrases(DEFAULT_PARAPHRASES, tasks, data_dir)) == {t.name for t in tasks}
+        assert set(load_paraphrases(DEFAULT_PARAPHRASES, tasks, data_dir)) <= {t.name for t in tasks}
+        assert len(tasks) > len(shipped)
