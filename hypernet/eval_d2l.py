@@ -1,30 +1,27 @@
 """`loracast eval d2l`: does a document's adapter answer questions about it without the document?
 
-On documents never used in training (held-out fictional profiles and held-out reading-comprehension passages,
-see `hypernet.d2l_data`), five conditions answer the same questions greedily, the user turn holding only the
-question except in (b):
-  (a) base, no document (floor)                 (b) base, document in the prompt (reference)
-  (c) D2L adapter, no document                  (d) per-document context distillation LoRA, no document
-  (e) D2L adapter of another document (control)
+On documents never used in training nor in designing the probe writer (held-out fictional profiles,
+held-out reading-comprehension passages and needle documents, see `hypernet.d2l_data`), whose questions
+come from `d2l_data`'s templates, which the probe writer never uses, these conditions answer the same
+questions greedily, the user turn holding only the question except in (b):
 
-(b) is also the teacher of (d): its greedy answers and top-k log-probs are what (d)'s LoRA (D2L's target
-modules and rank) is trained on, `cd_steps` Adam steps on that document's questions. (d) thus trains on the
-very questions it is scored on, an oracle query set that makes it stronger and faster than generated
-questions would, so every speed ratio against it is conservative. Gap closed is (c - a) / (b - a).
+  (a) base, no document (floor)             (b) base, document in the prompt (target)
+  (p) the one pass alone (budget 0)         (c) LoraCast: the one pass refined for the default budget
+  (e) another document's (c) adapter (control)
 
-Needle in a haystack: "magic number" documents of several lengths, up to 4x the training chunk; accuracy is
-the answer contained in the reply, for (a), (b) and (c).
+Gap closed is (c - a) / (b - a), on answer-contained accuracy and ROUGE-L.
 
-Speed: on held-out composite documents of ~512 tokens, the wall time D2L takes to internalize a document vs
-the training time (d) needs to first reach D2L's mean score (checked after 1, 2, 4, ... steps, the checks not
-counted), alone and plus the teacher's generation, which (d) cannot do without.
+The curve (`sets` "curve"): on held-out profiles, one job of the largest budget per start (zero: the base
+model itself; bias: the D2L checkpoint's document-independent adapter; d2l: the one pass), its adapter
+scored after 0, 2, 5, ... seconds (the scoring is off the clock). A job's budget only ends its training, so
+the adapter after t seconds is what a job with budget t returns. Beside them, distillation on the test
+questions themselves, the labelled ceiling no deployed system has. From the curves, `d2l_vs_context_
+distillation`: the seconds distillation from zero init needs to reach (c)'s score, over (c)'s seconds.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,21 +34,20 @@ from hypernet.answering import answer
 from hypernet.d2l_data import Document
 from hypernet.eval_t2l import score
 from hypernet.generate import DocToLoRAGenerator
-from hypernet.sni_data import collate
+from hypernet.self_distill import DistillConfig, distill_document, zero_start
 from hypernet.t2l import Adapter
-from hypernet.train_d2l import Target, run_teacher, student_rows, topk_kl
-from hypernet.train_t2l import answer_logits
+from hypernet.teacher import teach
 from loracast import base_model
-from loracast.base_model import BaseModel
-from loracast.lora import LoRALinear, LoraSpec, inject, train_lora
 
 CONDITIONS = {
     "a": "base, no document",
     "b": "base + document in prompt",
-    "c": "D2L adapter",
-    "d": "context distillation",
-    "e": "D2L, other document (control)",
+    "p": "one pass (budget 0)",
+    "c": "LoraCast (default budget)",
+    "e": "other document's adapter (control)",
 }
+STARTS = ("zero", "bias", "d2l")
+CEILING = "ceiling"  # distillation on the test questions: labelled, never a deployed condition
 METRICS = ("rougeL", "contained")
 TEACHER_BATCH_TOKENS = 8192
 
@@ -61,54 +57,30 @@ class EvalArgs:
     data_dir: Path
     d2l_path: Path = checkpoint.DEFAULT_D2L
     base: str = base_model.DEFAULT_BASE
-    fictional: int = 24
-    passages: int = 60
-    needles: int = 10  # per length
-    needle_lengths: tuple[int, ...] = ()  # tokens; empty: 1, 2 and 4 training chunks
-    speed_documents: int = 6
-    speed_tokens: int = 512
-    cd_steps: int = 32
-    cd_lr: float = 2e-3
-    top_k: int = 16
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    fictional: int = 12
+    composites: int = 4  # held-out composites of profiles, ~composite_tokens each
+    composite_tokens: int = 512
+    passages: int = 12
+    needles: int = 4  # per length
+    needle_lengths: tuple[int, ...] = (256, 1024)
+    curve_documents: int = 6
+    budgets: tuple[float, ...] = (0, 2, 5, 10, 15, 20, 40, 60, 80)
+    starts: tuple[str, ...] = STARTS
     max_new_tokens: int = 48
     seed: int = 0
     threads: int | None = None
-    sets: tuple[str, ...] = field(default=("fictional", "passages", "needle", "speed"))
-
-
-def context_distill(
-    base: BaseModel,
-    wrappers: dict[tuple[int, str], LoRALinear],
-    spec: LoraSpec,
-    document: Document,
-    targets: Sequence[Target],
-    steps: int,
-    lr: float,
-    on_step: Callable[[int, float, Adapter], None] | None = None,
-) -> tuple[Adapter, float]:
-    """Gradient-train one LoRA (spec's modules and rank) so the base model without the document matches the
-    teacher's top-k on the document's questions. Returns it and its training seconds. `on_step(step,
-    seconds_so_far, adapter)` runs after every step, outside the timing."""
-    tok = base.tokenizer
-    batch = collate(student_rows(tok, document, targets), tok.pad_token_id or 0)
-    topk_ids = torch.cat([t.topk_ids for t in targets])
-    topk_logprobs = torch.cat([t.topk_logprobs for t in targets])
-
-    def loss(step: int) -> torch.Tensor:
-        logits, _ = answer_logits(base.model, batch)
-        return topk_kl(logits, topk_ids, topk_logprobs)
-
-    return train_lora(wrappers, spec.r, steps, lr, loss, on_step)
+    sets: tuple[str, ...] = ("fictional", "composites", "passages", "needle", "curve")
 
 
 class Evaluator:
-    """The loaded base, D2L generator and LoRA wrappers, shared by every document set."""
+    """The loaded base model and D2L generator (its LoRA wrappers), shared by every document set."""
 
     def __init__(self, args: EvalArgs) -> None:
         self.args = args
         self.base = base_model.load(args.base)
-        self.generator = DocToLoRAGenerator(args.d2l_path, self.base)
-        self.wrappers = inject(self.base.model, self.generator.spec)
+        self.generator = DocToLoRAGenerator(args.d2l_path, self.base, distill=args.distill)
+        self.wrappers = self.generator.wrappers
         self.tok = self.base.tokenizer
 
     def count_tokens(self, text: str) -> int:
@@ -117,134 +89,136 @@ class Evaluator:
     def answers(self, adapter: Adapter | None, doc: Document) -> list[str]:
         return answer(self.base, self.wrappers, adapter, [qa.question for qa in doc.qas], self.args.max_new_tokens)
 
-    def teacher(self, doc: Document) -> tuple[list[Target], list[str]]:
-        """(b): the base model with the document in its prompt; its targets also teach (d).
-
-        Questions go in batches of at most TEACHER_BATCH_TOKENS document tokens: a batch of eight 8k-token
-        prompts would need the attention of all of them at once."""
+    def in_context(self, doc: Document) -> list[str]:
+        """(b): the base model with the document in its prompt, in batches of at most TEACHER_BATCH_TOKENS
+        document tokens (eight 4k-token prompts at once would need all their attention at once)."""
         per_batch = max(1, TEACHER_BATCH_TOKENS // max(1, self.count_tokens(doc.text)))
-        targets = [
-            target
-            for i in range(0, len(doc.qas), per_batch)
-            for target in run_teacher(
-                self.base, replace(doc, qas=doc.qas[i : i + per_batch]), self.args.top_k, self.args.max_new_tokens
-            )
-        ]
-        replies = [self.tok.decode(t.answer_ids, skip_special_tokens=True).strip() for t in targets]
-        return targets, replies
+        questions = [qa.question for qa in doc.qas]
+        targets = teach(self.base, doc.text, questions, 1, self.args.max_new_tokens, per_batch)
+        return [self.tok.decode(t.answer_ids, skip_special_tokens=True).strip() for t in targets]
 
-    def internalize(self, doc: Document) -> tuple[Adapter, float]:
-        t0 = time.perf_counter()
-        adapter = self.generator.generate(doc.text)
-        return adapter, time.perf_counter() - t0
+    def start(self, name: str, doc: Document) -> Callable[[], Adapter]:
+        if name == "zero":
+            return lambda: zero_start(self.wrappers, self.generator.spec.r, self.args.distill.seed)
+        if name == "bias":
+            return self.bias_adapter
+        return lambda: self.generator.generate(doc.text)
 
-    def conditions(self, name: str, docs: list[Document], with_cd: bool = True) -> dict:
-        """Every condition on every question of `docs`; (e) takes the next document's adapter."""
-        a = self.args
-        preds: dict[str, list[list[str]]] = {c: [] for c in CONDITIONS if with_cd or c != "d"}
-        d2l_s, cd_s, teacher_s, adapters = [], [], [], []
-        for doc in tqdm(docs, desc=f"{name}: (a) (b) (c)"):
+    def bias_adapter(self) -> Adapter:
+        hyper = self.generator.hyper
+        return {
+            (layer, m): (hyper.bias_A[m][layer].detach(), hyper.bias_B[m][layer].detach())
+            for m in hyper.bias_A
+            for layer in range(hyper.cfg.num_layers)
+        }
+
+    def internalize(self, doc: Document, budget: float, start: str = "d2l", **kw) -> tuple[Adapter, dict]:
+        cfg = replace(self.args.distill, budget_s=budget)
+        adapter, report = distill_document(self.base, self.wrappers, doc.text, self.start(start, doc), cfg, **kw)
+        return adapter, vars(report)
+
+    def conditions(self, name: str, docs: list[Document]) -> dict:
+        """Every condition on every question of `docs`; (e) takes the next document's (c) adapter."""
+        preds: dict[str, list[list[str]]] = {c: [] for c in CONDITIONS}
+        adapters, reports = [], []
+        budget = self.args.distill.budget_s
+        for doc in tqdm(docs, desc=f"{name}: (a) (b) (p) (c)"):
             preds["a"].append(self.answers(None, doc))
-            t0 = time.perf_counter()
-            targets, replies = self.teacher(doc)
-            teacher_s.append(time.perf_counter() - t0)
-            preds["b"].append(replies)
-            adapter, seconds = self.internalize(doc)
-            d2l_s.append(seconds)
+            preds["b"].append(self.in_context(doc))
+            preds["p"].append(self.answers(self.generator.generate(doc.text), doc))
+            adapter, report = self.internalize(doc, budget)
             adapters.append(adapter)
+            reports.append(report)
             preds["c"].append(self.answers(adapter, doc))
-            if with_cd:
-                lora, seconds = context_distill(
-                    self.base, self.wrappers, self.generator.spec, doc, targets, a.cd_steps, a.cd_lr
-                )
-                cd_s.append(seconds)
-                preds["d"].append(self.answers(lora, doc))
         for i, doc in enumerate(tqdm(docs, desc=f"{name}: (e)")):
             preds["e"].append(self.answers(adapters[(i + 1) % len(docs)], doc))
         result = summarize(preds, docs)
-        result["timing_s"] = {
-            "d2l_internalize_median": round(statistics.median(d2l_s), 3),
-            "teacher_median": round(statistics.median(teacher_s), 3),
-            **({"cd_train_median": round(statistics.median(cd_s), 3)} if cd_s else {}),
+        result["budget_s"] = budget
+        result["tokens_median"] = statistics.median(self.count_tokens(d.text) for d in docs)
+        result["job"] = {
+            k: round(statistics.median(r[k] for r in reports), 2)
+            for k in ("probes", "taught", "steps", "teacher_s", "train_s", "elapsed_s", "probe_loss")
         }
         return result
 
     def needle(self) -> dict:
         a = self.args
-        chunk = self.generator.hyper.cfg.chunk_tokens
-        lengths = a.needle_lengths or (chunk, 2 * chunk, 4 * chunk)
         buckets = {}
-        for length in lengths:
+        for length in a.needle_lengths:
             docs = d2l_data.needle_documents(a.needles, a.seed, length, self.count_tokens, part="heldout")
             preds: dict[str, list[list[str]]] = {"a": [], "b": [], "c": []}
             for doc in tqdm(docs, desc=f"needle {length} tokens"):
                 preds["a"].append(self.answers(None, doc))
-                preds["b"].append(self.teacher(doc)[1])
-                preds["c"].append(self.answers(self.internalize(doc)[0], doc))
+                preds["b"].append(self.in_context(doc))
+                preds["c"].append(self.answers(self.internalize(doc, a.distill.budget_s)[0], doc))
             buckets[str(length)] = summarize(preds, docs)
-        return {"chunk_tokens": chunk, "buckets": buckets}
+        return {"budget_s": a.distill.budget_s, "buckets": buckets}
 
-    def speed(self, tokens: int | None = None, documents: int | None = None, questions: int | None = None) -> dict:
-        """D2L's internalization time vs the time (d) needs to reach D2L's mean ROUGE-L on documents of ~`tokens`
-        tokens (default: the args'), at most `questions` questions each (one per fact, then the first ones).
-
-        (d)'s time is reported twice: training alone, and with its teacher's generation (the base model reading
-        the document once per question), which is what grows with the document's length."""
+    def curve(self, docs: list[Document]) -> dict:
+        """Mean scores against seconds per start, and the ceiling: snapshots of one job of the largest budget."""
         a = self.args
-        tokens = tokens or a.speed_tokens
-        docs = speed_documents(documents or a.speed_documents, tokens, a.seed, self.count_tokens)
-        if questions:
-            docs = [replace(d, qas=d.qas[:questions]) for d in map(one_per_fact, docs)]
-        checks = {2**i for i in range(int(math.log2(a.cd_steps * 4)) + 1)}
-        d2l_s, d2l_scores, base_scores, teacher_s, curves = [], [], [], [], []
-        for doc in tqdm(docs, desc=f"speed ({tokens} tokens)"):
-            base_scores.append(mean_scores(self.answers(None, doc), doc)["rougeL"])
-            adapter, seconds = self.internalize(doc)
-            d2l_s.append(seconds)
-            d2l_scores.append(mean_scores(self.answers(adapter, doc), doc)["rougeL"])
-            t0 = time.perf_counter()
-            targets = self.teacher(doc)[0]
-            teacher_s.append(time.perf_counter() - t0)
-            curve: list[tuple[int, float, float]] = []
+        budgets = sorted(a.budgets)
+        runs = [(s, None) for s in a.starts] + [(CEILING, "test")]
+        out: dict = {"budgets_s": budgets, "documents": len(docs), "starts": {}}
+        floor = [mean_scores(self.answers(None, d), d) for d in docs]
+        target = [mean_scores(self.in_context(d), d) for d in docs]
+        out["floor"] = {m: round(statistics.mean(f[m] for f in floor), 2) for m in METRICS}
+        out["target"] = {m: round(statistics.mean(t[m] for t in target), 2) for m in METRICS}
+        for name, questions in runs:
+            per_doc: list[list[dict[str, float]]] = []
+            for doc in tqdm(docs, desc=f"curve: {name}"):
+                snaps = self.snapshots(doc, budgets, "zero" if questions else name, questions is not None)
+                per_doc.append(snaps)
+            out["starts"][name] = [
+                {m: round(statistics.mean(s[i][m] for s in per_doc), 2) for m in METRICS} for i in range(len(budgets))
+            ]
+        out["vs_context_distillation"] = ratio_vs_context_distillation(out, a.distill.budget_s)
+        return out
 
-            def check(step: int, seconds: float, lora: Adapter, doc: Document = doc, curve: list = curve) -> None:
-                if step in checks:
-                    curve.append((step, seconds, mean_scores(self.answers(lora, doc), doc)["rougeL"]))
+    def snapshots(self, doc: Document, budgets: Sequence[float], start: str, on_test: bool) -> list[dict[str, float]]:
+        """The adapter's scores at each budget t, from one job of the largest: the adapter after the last step
+        that ended by t (the start itself before the first one), which a job of budget t returns give or take
+        the one step it lets finish."""
+        pending = list(budgets)
+        scores: list[dict[str, float]] = []
+        held = {"adapter": self.start(start, doc)(), "score": None}
 
-            context_distill(
-                self.base, self.wrappers, self.generator.spec, doc, targets, max(checks), a.cd_lr, on_step=check
-            )
-            curves.append(curve)
-        target = statistics.mean(d2l_scores)
-        steps = [step for step, _, _ in curves[0]]
-        mean_curve = [
-            {
-                "step": step,
-                "train_s": round(statistics.mean(c[i][1] for c in curves), 3),
-                "rougeL": round(statistics.mean(c[i][2] for c in curves), 2),
-            }
-            for i, step in enumerate(steps)
-        ]
-        reached = next((p for p in mean_curve if p["rougeL"] >= target), None)
-        d2l_median = statistics.median(d2l_s)
-        # Not reached within the budget: the budget's time, so the ratios are lower bounds.
-        cd_s = reached["train_s"] if reached else mean_curve[-1]["train_s"]
-        teacher_median = statistics.median(teacher_s)
-        return {
-            "documents": len(docs),
-            "questions_per_document": statistics.median(len(d.qas) for d in docs),
-            "tokens_median": statistics.median(self.count_tokens(d.text) for d in docs),
-            "d2l_rougeL": round(target, 2),
-            "base_rougeL": round(statistics.mean(base_scores), 2),  # (a): what "the same score" stands above
-            "d2l_internalize_s_median": round(d2l_median, 3),
-            "cd_curve": mean_curve,
-            "cd_reached_at_step": reached["step"] if reached else None,
-            "cd_train_s_to_reach": round(cd_s, 3),
-            "cd_teacher_s_median": round(teacher_median, 3),
-            "ratio_cd_over_d2l": round(cd_s / d2l_median, 1),
-            "ratio_cd_with_teacher_over_d2l": round((cd_s + teacher_median) / d2l_median, 1),
-            "ratio_is_lower_bound": reached is None,
-        }
+        def score_held() -> None:
+            if held["score"] is None:
+                held["score"] = mean_scores(self.answers(held["adapter"], doc), doc)
+            scores.append(held["score"])
+
+        def on_step(step: int, seconds: float, adapter: Adapter) -> None:
+            while pending and pending[0] < seconds:
+                pending.pop(0)
+                score_held()
+            held.update(adapter={k: (a.clone(), b.clone()) for k, (a, b) in adapter.items()}, score=None)
+
+        questions = [qa.question for qa in doc.qas] if on_test else None
+        self.internalize(doc, max(budgets), start, on_step=on_step, questions=questions)
+        while pending:  # budgets past the job's end (a flat probe loss may stop it early): its final adapter
+            pending.pop(0)
+            score_held()
+        return scores
+
+
+def ratio_vs_context_distillation(curve: dict, budget: float, metric: str = "contained") -> dict:
+    """Seconds distillation from zero init needs to reach LoraCast's score at its default budget (the d2l
+    start's), over that budget. Never reached within the curve: the largest budget stands in, and the ratio is
+    a lower bound. Empty when the curve lacks either start or the budget."""
+    zero, ours = curve["starts"].get("zero"), curve["starts"].get("d2l")
+    if not zero or not ours or budget not in curve["budgets_s"]:
+        return {}
+    lora_cast = ours[curve["budgets_s"].index(budget)][metric]
+    reached = next((t for t, s in zip(curve["budgets_s"], zero, strict=True) if s[metric] >= lora_cast), None)
+    seconds = reached if reached is not None else curve["budgets_s"][-1]
+    return {
+        "d2l_vs_context_distillation": round(seconds / budget, 2) if budget else None,
+        "zero_init_seconds_to_reach": seconds,
+        "lora_cast_score": lora_cast,
+        "lora_cast_seconds": budget,
+        "ratio_is_lower_bound": reached is None,
+    }
 
 
 def speed_documents(n: int, tokens: int, seed: int, count_tokens: Callable[[str], int]) -> list[Document]:
@@ -296,53 +270,67 @@ def evaluate(args: EvalArgs) -> dict:
         torch.set_num_threads(args.threads)
     ev = Evaluator(args)
     result: dict = {"conditions": CONDITIONS, "args": {k: str(v) for k, v in vars(args).items()}}
-    t0 = time.time()
+    profiles = [one_per_fact(d) for d in d2l_data.fictional_documents(args.fictional, args.seed, part="heldout")]
     if "fictional" in args.sets:
-        docs = [one_per_fact(d) for d in d2l_data.fictional_documents(args.fictional, args.seed, part="heldout")]
-        result["fictional"] = ev.conditions("fictional", docs)
+        result["fictional"] = ev.conditions("fictional", profiles)
+    if "composites" in args.sets:
+        docs = speed_documents(args.composites, args.composite_tokens, args.seed, ev.count_tokens)
+        result["composites"] = ev.conditions("composites", docs)
     if "passages" in args.sets:
         docs = d2l_data.rc_documents(args.data_dir, "heldout", args.seed)[: args.passages]
         result["passages"] = ev.conditions("passages", docs)
     if "needle" in args.sets:
         result["needle"] = ev.needle()
-    if "speed" in args.sets:
-        result["speed"] = ev.speed()
+    if "curve" in args.sets:
+        result["curve"] = ev.curve(profiles[: args.curve_documents])
     result["d2l_checkpoint"] = str(args.d2l_path)
     result["base_fingerprint"] = ev.base.fingerprint
-    result["wall_s"] = round(time.time() - t0, 1)
     return result
 
 
 def table(result: dict) -> str:
-    """Markdown: per document set, ROUGE-L / answer-contained per condition and the gap (c) closes; needles; speed."""
+    """Markdown: per document set, ROUGE-L / answer-contained per condition and the gap (c) closes; needles;
+    the quality-time curve."""
     out = []
     head = "| documents | " + " | ".join(f"({c}) {d}" for c, d in CONDITIONS.items()) + " | gap closed by (c) |"
     rows = [head, "|" + "---|" * (len(CONDITIONS) + 2)]
-    for name in ("fictional", "passages"):
+    for name in ("fictional", "composites", "passages"):
         if name not in result:
             continue
         r = result[name]
-        cells = [
-            f"{r['mean'][c]['rougeL']:.1f} / {r['mean'][c]['contained']:.0f}" if c in r["mean"] else "-"
-            for c in CONDITIONS
-        ]
+        cells = [f"{r['mean'][c]['rougeL']:.1f} / {r['mean'][c]['contained']:.0f}" for c in CONDITIONS]
         gap = " / ".join("-" if g is None else f"{100 * g:.0f}%" for g in r["gap_closed"].values())
-        rows.append(f"| {name} ({r['documents']} docs, {r['questions']} q) | " + " | ".join(cells) + f" | {gap} |")
+        rows.append(
+            f"| {name} ({r['documents']} docs, {r['questions']} q, ~{r['tokens_median']:.0f} tokens) | "
+            + " | ".join(cells)
+            + f" | {gap} |"
+        )
     if len(rows) > 2:
         out += [*rows, "", "Cells: ROUGE-L F1 / answer contained, percent; gap closed: ROUGE-L / contained.", ""]
     if "needle" in result:
-        out += ["| needle document tokens | (a) base | (b) in context | (c) D2L |", "|---|---|---|---|"]
+        out += ["| needle document tokens | (a) base | (b) in context | (c) LoraCast |", "|---|---|---|---|"]
         for length, r in result["needle"]["buckets"].items():
             out.append(f"| {length} | " + " | ".join(f"{r['mean'][c]['contained']:.0f}" for c in "abc") + " |")
-        chunk = result["needle"]["chunk_tokens"]
-        out += ["", f"Needle accuracy (answer contained), percent; training chunk = {chunk} tokens.", ""]
-    if "speed" in result:
-        s = result["speed"]
-        reach = f"step {s['cd_reached_at_step']}" if s["cd_reached_at_step"] else "not reached (lower bound)"
-        out.append(
-            f"Speed, {s['documents']} documents of ~{s['tokens_median']} tokens: D2L internalizes in "
-            f"{s['d2l_internalize_s_median']:.2f} s (ROUGE-L {s['d2l_rougeL']:.1f}); context distillation reaches "
-            f"it at {reach} after {s['cd_train_s_to_reach']:.1f} s of training: {s['ratio_cd_over_d2l']:.0f}x "
-            f"({s['ratio_cd_with_teacher_over_d2l']:.0f}x with its teacher's {s['cd_teacher_s_median']:.1f} s)."
-        )
+        out += ["", "Needle accuracy (answer contained), percent.", ""]
+    if "curve" in result:
+        c = result["curve"]
+        out += [
+            "| start | " + " | ".join(f"{t:g} s" for t in c["budgets_s"]) + " |",
+            "|---|" + "---|" * len(c["budgets_s"]),
+        ]
+        for name, points in c["starts"].items():
+            label = "test questions (ceiling)" if name == CEILING else name
+            out.append(f"| {label} | " + " | ".join(f"{p['contained']:.0f}" for p in points) + " |")
+        out += [
+            "",
+            f"Answer contained, percent, on {c['documents']} held-out profiles; floor {c['floor']['contained']:.0f}, "
+            f"document in prompt {c['target']['contained']:.0f}.",
+        ]
+        if r := c.get("vs_context_distillation"):
+            bound = ">=" if r["ratio_is_lower_bound"] else ""
+            out.append(
+                f"d2l_vs_context_distillation: {bound}{r['d2l_vs_context_distillation']}x (zero init needs "
+                f"{bound}{r['zero_init_seconds_to_reach']:g} s for LoraCast's {r['lora_cast_score']:.0f} at "
+                f"{r['lora_cast_seconds']:g} s)."
+            )
     return "\n".join(out)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,14 +17,17 @@ import torch
 from hypernet import checkpoint
 from hypernet.d2l import chunk_ids, internalize
 from hypernet.encoder import DescriptionEncoder
+from hypernet.self_distill import DistillConfig, Progress, distill_document
 from hypernet.t2l import Adapter
 from loracast import adapter_format
 from loracast.base_model import BaseModel
 from loracast.errors import UserError
+from loracast.lora import inject
 from loracast.lora_spec import LoraSpec
 
 MAX_DESCRIPTION_CHARS = 4000
 MAX_DOCUMENT_BYTES = 2**20
+MAX_BUDGET_S = 3600.0
 
 
 class InputError(UserError, ValueError):
@@ -131,26 +137,70 @@ class TextToLoRAGenerator(HypernetGenerator):
 
 
 class DocToLoRAGenerator(HypernetGenerator):
-    """Loads a D2L checkpoint; the base model is its document encoder. Each `generate` streams the document's
-    chunks through the encoder one at a time."""
+    """Loads a D2L checkpoint; the base model is its document encoder and, with the document in its prompt, the
+    teacher of test-time self-distillation (hypernet/self_distill.py).
+
+    `generate` is the one pass (budget 0): chunks stream through the encoder one at a time. `internalize` starts
+    from it and distills the document into the adapter for a budget of seconds. Both use the shared base model
+    with LoRA wrappers set, so they run one at a time (a lock), never beside each other."""
 
     kinds = ("DocToLoRA",)
     source_key = "loracast.document_sha256"
     version = checkpoint.D2L_VERSION
 
     def __init__(
-        self, path: Path = checkpoint.DEFAULT_D2L, base: BaseModel | None = None, max_rank: int | None = None
+        self,
+        path: Path = checkpoint.DEFAULT_D2L,
+        base: BaseModel | None = None,
+        max_rank: int | None = None,
+        distill: DistillConfig | None = None,
     ) -> None:
         if base is None:
             raise ValueError("Doc-to-LoRA encodes documents with the base model: pass the loaded base")
         super().__init__(path, base)
         self.base = base
         self.max_rank = self.hyper.cfg.max_rank if max_rank is None else max_rank  # None: the checkpoint's
+        self.distill = distill or DistillConfig()
+        self.wrappers = inject(base.model, self.spec)
+        self._lock = threading.Lock()
 
     def generate(self, document: str) -> Adapter:
-        """{(layer, module): (A (R, in), B (out, R))}, R = min(r x (chunks + 1 for the bias adapter), max_rank)."""
+        """The one pass: {(layer, module): (A (R, in), B (out, R))}, R = min(r x (chunks + 1), max_rank)."""
+        with self._lock:
+            return self._one_pass(document)
+
+    def _one_pass(self, document: str) -> Adapter:
         chunks = iter(chunk_ids(self.base.tokenizer, check_document(document), self.hyper.cfg.chunk_tokens))
         first = next(chunks, None)
         if first is None:  # not blank, yet nothing the tokenizer reads (control characters only)
             raise InputError("the document has no text the model can read: give UTF-8 text with words in it")
         return internalize(self.hyper, self.base.model, itertools.chain([first], chunks), self.max_rank)
+
+    def budget_for(self, budget_s: float | None) -> float:
+        """The seconds a document gets: `budget_s`, or the configured default when None."""
+        budget = self.distill.budget_s if budget_s is None else budget_s
+        if not 0 <= budget <= MAX_BUDGET_S:
+            raise InputError(f"the budget must be between 0 and {MAX_BUDGET_S:.0f} seconds, not {budget:g}")
+        return budget
+
+    def internalize(
+        self,
+        document: str,
+        budget_s: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Adapter:
+        """The one pass, refined by self-distillation for `budget_s` seconds (None: the default; 0: the pass alone).
+        Raises self_distill.Cancelled when `cancelled()` turns true; progress goes to `on_progress`."""
+        cfg = replace(self.distill, budget_s=self.budget_for(budget_s))
+        with self._lock:
+            adapter, _ = distill_document(
+                self.base,
+                self.wrappers,
+                check_document(document),
+                lambda: self._one_pass(document),
+                cfg,
+                on_progress,
+                cancelled,
+            )
+        return adapter

@@ -36,7 +36,8 @@ from transformers import PreTrainedTokenizerBase
 
 from hypernet import checkpoint, d2l_data
 from hypernet.d2l import D2LConfig, DocToLoRA, chunk_ids, encode, pad_chunks
-from hypernet.sni_data import chat_prompt, collate, user_turn
+from hypernet.sni_data import chat_prompt, collate
+from hypernet.teacher import Target, teach, teacher_turn, topk_kl
 from hypernet.train_t2l import answer_logits, lr_at
 from loracast import base_model
 from loracast.base_model import BaseModel
@@ -89,44 +90,9 @@ class TrainArgs:
     threads: int | None = None
 
 
-@dataclass(frozen=True)
-class Target:
-    """One question's distillation target: the teacher's answer and its top-k log-probs at each answer token."""
-
-    answer_ids: torch.Tensor  # (n,)
-    topk_ids: torch.Tensor  # (n, k)
-    topk_logprobs: torch.Tensor  # (n, k), the teacher's full-softmax log-probs (renormalized in the loss)
-
-
-def teacher_turn(document: str, question: str) -> str:
-    """The teacher's user turn: the document, then the question (the in-context reference condition)."""
-    return user_turn(question, document)
-
-
-@torch.no_grad()
 def run_teacher(base: BaseModel, document: DocumentLike, k: int, max_new_tokens: int) -> list[Target]:
-    """The base model with the document in its prompt answers every question greedily (one batch)."""
-    tok = base.tokenizer
-    tok.padding_side = "left"
-    prompts = [chat_prompt(tok, teacher_turn(document.text, qa.question)) for qa in document.qas]
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = base.model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tok.pad_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    answers = out.sequences[:, enc["input_ids"].shape[1] :]
-    logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # (questions, n, vocab)
-    targets = []
-    for row in range(len(prompts)):
-        ends = (answers[row] == tok.eos_token_id).nonzero()
-        n = int(ends[0]) + 1 if len(ends) else answers.shape[1]  # through the end-of-turn token: learn to stop
-        top = logprobs[row, :n].topk(k, dim=-1)
-        targets.append(Target(answers[row, :n].clone(), top.indices, top.values))
-    return targets
+    """The base model with the document in its prompt answers every question greedily."""
+    return teach(base, document.text, [qa.question for qa in document.qas], k, max_new_tokens)
 
 
 class TeacherCache:
@@ -175,13 +141,6 @@ def student_rows(tok: PreTrainedTokenizerBase, document: DocumentLike, targets: 
         answer = t.answer_ids.tolist()
         rows.append((prompt + answer, [-100] * len(prompt) + answer))
     return rows
-
-
-def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """Mean over answer tokens of KL(teacher top-k, renormalized || student): see the module docstring."""
-    log_q = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, topk_ids)
-    log_p = torch.log_softmax(topk_logprobs.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def build_model(spec: LoraSpec, model: torch.nn.Module, args: TrainArgs) -> DocToLoRA:

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hypernet import checkpoint, d2l, train_d2l
 from hypernet.d2l import D2LConfig, DocToLoRA, chunk_ids, encode, internalize
 from hypernet.generate import DocToLoRAGenerator, TextToLoRAGenerator
-from hypernet.train_d2l import TeacherCache, TrainArgs, topk_kl, train
+from hypernet.teacher import topk_kl
+from hypernet.train_d2l import TeacherCache, TrainArgs, train
 from loracast import adapter_format
 from loracast.cli import main
 from loracast.lora import LoRALinear, LoraSpec, applied, inject, to_torch

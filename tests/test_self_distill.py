@@ -1,0 +1,167 @@
+"""The probe writer, the shared-prefix teacher and test-time self-distillation, on the tiny random Llama."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from hypernet import d2l_data, probes
+from hypernet.generate import DocToLoRAGenerator, InputError
+from hypernet.self_distill import Cancelled, DistillConfig, FrozenBelow, Progress, distill_document, zero_start
+from hypernet.sni_data import chat_prompt, collate
+from hypernet.teacher import teach, teacher_turn
+from hypernet.train_d2l import run_teacher
+from loracast.lora import applied
+
+DOC = (
+    "Mara Quintell was born on 4 March 1961. She grew up in Velmora and studied at the University of Ostrand. "
+    "Quintell works for a company called Brisk Harbor, which has 6,120 employees and earned $12.5 million in 2019."
+)
+TINY = DistillConfig(budget_s=30, max_steps=3, batch_size=4, max_new_tokens=4, top_k=4, lr=1e-2)
+
+
+def test_the_probe_writer_is_deterministic_and_covers_names_dates_and_numbers():
+    first, again = probes.write_probes(DOC), probes.write_probes(DOC)
+    assert first == again
+    text = " ".join(p.question for p in first)
+    for span in ("Mara Quintell", "4 March 1961", "Velmora", "University of Ostrand", "Brisk Harbor", "6,120"):
+        assert span in text, span
+    assert "$12.5 million" in text
+    assert {p.family for p in first} == {"cloze", "span", "relation", "seed"}
+    assert any(p.shuffled for p in first) and not all(p.shuffled for p in first)
+    assert probes.shuffled_document(DOC) == probes.shuffled_document(DOC) != DOC
+    assert sorted(probes.sentences(probes.shuffled_document(DOC))) == sorted(probes.sentences(DOC))
+
+
+def test_a_cloze_stops_before_the_fact():
+    assert probes.cloze("Mara Quintell was born on 4 March 1961.").endswith('"Mara Quintell was born on ..."')
+
+
+def test_probes_never_use_the_evaluation_question_templates():
+    """The evaluation asks with d2l_data's templates; no probe of any held-out document is one of its questions."""
+    for doc in d2l_data.fictional_documents(20, 0, part="heldout"):
+        written = {p.question for p in probes.write_probes(doc.text, probes.FAMILIES)}
+        assert not written & {qa.question for qa in doc.qas}
+
+
+def test_unknown_probe_families_are_refused_by_name():
+    with pytest.raises(ValueError, match="nonsense"):
+        probes.write_probes(DOC, ("cloze", "nonsense"))
+
+
+def test_self_written_questions_are_parsed_from_a_numbered_reply():
+    reply = "1. Who is Mara?\n2) Where did she grow up?\nSome text.\n- Why?\n* What does she do for work?"
+    assert probes.parse_questions(reply) == ["Who is Mara?", "Where did she grow up?", "What does she do for work?"]
+
+
+def test_the_shared_prefix_teacher_matches_generate_row_by_row(tiny_base):
+    questions = ["Who is Mara?", "Where did Mara Quintell grow up, and when was she born?", "Which company?"]
+    targets = teach(tiny_base, DOC, questions, k=5, max_new_tokens=6, batch_size=2)
+    tok = tiny_base.tokenizer
+    for q, t in zip(questions, targets, strict=True):
+        ids = tok(chat_prompt(tok, teacher_turn(DOC, q)), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = tiny_base.model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        expected = out[0, ids.shape[1] :]
+        assert t.answer_ids.tolist() == expected[: len(t.answer_ids)].tolist()
+        assert t.topk_ids.shape == (len(t.answer_ids), 5)
+
+
+def test_training_targets_come_from_the_same_teacher(tiny_base):
+    doc = d2l_data.fictional_documents(1, 0)[0]
+    assert [t.answer_ids.tolist() for t in run_teacher(tiny_base, doc, 4, 5)] == [
+        t.answer_ids.tolist() for t in teach(tiny_base, doc.text, [qa.question for qa in doc.qas], 4, 5)
+    ]
+
+
+@pytest.fixture()
+def wrappers(tiny_d2l, tiny_base):
+    return DocToLoRAGenerator(tiny_d2l, tiny_base).wrappers
+
+
+def test_distillation_lowers_the_probe_loss_and_reports_progress_in_phase_order(tiny_base, wrappers):
+    events: list[Progress] = []
+    cfg = replace(TINY, max_steps=12)
+    adapter, report = distill_document(
+        tiny_base, wrappers, DOC, lambda: zero_start(wrappers, 4), cfg, on_progress=events.append
+    )
+    assert report.steps == 12 and report.taught == report.probes > 0
+    assert report.losses[-1] < report.losses[0]
+    phases = [e.phase for e in events]
+    assert phases[:4] == ["start", "probes", "teacher", "distill"] and phases[-1] == "done"
+    assert [e.step for e in events if e.phase == "distill"] == list(range(1, 13))
+    assert all(e.estimate_s >= e.elapsed_s for e in events)
+    assert set(adapter) == set(wrappers)
+    assert any(float(b.abs().sum()) > 0 for _, b in adapter.values())  # B moved from zero
+
+
+def test_a_zero_budget_returns_the_start_unchanged(tiny_base, wrappers):
+    start = zero_start(wrappers, 4)
+    adapter, report = distill_document(tiny_base, wrappers, DOC, lambda: start, replace(TINY, budget_s=0))
+    assert report.steps == 0 and report.probes == 0
+    assert all(torch.equal(adapter[k][0], start[k][0]) for k in start)
+
+
+def test_only_layers_from_first_layer_up_are_trained(tiny_base, wrappers):
+    start = zero_start(wrappers, 4)
+    adapter, _ = distill_document(tiny_base, wrappers, DOC, lambda: start, replace(TINY, first_layer=1))
+    for (layer, m), (_, b) in adapter.items():
+        assert torch.equal(b, start[(layer, m)][1]) == (layer < 1)
+
+
+def test_the_frozen_layers_below_are_computed_once_and_give_the_full_forward(tiny_base, wrappers):
+    """Training from layer 1 must see the same logits as the whole model: the cache is an optimization only."""
+    tok = tiny_base.tokenizer
+    rows = [(tok("a b c d e")["input_ids"], [-100, -100, 5, 6, 7]), (tok("x y")["input_ids"], [-100, 9])]
+    batch = collate(rows, tok.pad_token_id)
+    start = zero_start(wrappers, 4)
+    start = {k: (a, torch.randn_like(b) * 0.1) for k, (a, b) in start.items()}
+    with applied(wrappers, start), torch.no_grad():
+        split = FrozenBelow(tiny_base.model, batch, 1).answer_logits(torch.tensor([0, 1]))[0]
+        whole = FrozenBelow(tiny_base.model, batch, 0).answer_logits(torch.tensor([0, 1]))[0]
+    assert torch.allclose(split, whole, atol=1e-5)
+
+
+def test_cancellation_stops_the_job_between_steps(tiny_base, wrappers):
+    seen: list[str] = []
+
+    def cancelled() -> bool:
+        return "distill" in seen
+
+    with pytest.raises(Cancelled):
+        distill_document(
+            tiny_base,
+            wrappers,
+            DOC,
+            lambda: zero_start(wrappers, 4),
+            replace(TINY, max_steps=50),
+            on_progress=lambda e: seen.append(e.phase),
+            cancelled=cancelled,
+        )
+    assert seen.count("distill") == 1
+
+
+def test_the_ceiling_trains_on_the_questions_it_is_given(tiny_base, wrappers):
+    _, report = distill_document(tiny_base, wrappers, DOC, lambda: zero_start(wrappers, 4), TINY, questions=["Q?"])
+    assert report.probes == report.taught == 1
+
+
+def test_the_generator_internalizes_within_its_budget_and_refuses_bad_budgets(tiny_d2l, tiny_base):
+    generator = DocToLoRAGenerator(tiny_d2l, tiny_base, distill=TINY)
+    one_pass = generator.generate(DOC)
+    budget0 = generator.internalize(DOC, budget_s=0)
+    assert all(torch.equal(one_pass[k][0], budget0[k][0]) for k in one_pass)
+    refined = generator.internalize(DOC)
+    assert any(not torch.equal(one_pass[k][1], refined[k][1]) for k in one_pass)
+    for bad in (-1, math.inf, 10**6):
+        with pytest.raises(InputError, match="budget"):
+            generator.internalize(DOC, budget_s=bad)
+    with pytest.raises(InputError, match="empty"):
+        generator.internalize("   ")
+
+
+def test_lora_wrappers_are_left_without_an_adapter(tiny_base, wrappers):
+    distill_document(tiny_base, wrappers, DOC, lambda: zero_start(wrappers, 4), TINY)
+    assert all(w.A is None and w.B is None for w in wrappers.values())
