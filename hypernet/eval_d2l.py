@@ -115,29 +115,28 @@ class Evaluator:
     def internalize(self, doc: Document, budget: float, start: str = "d2l", **kw) -> tuple[Adapter, dict]:
         cfg = replace(self.args.distill, budget_s=budget)
         adapter, report = distill_document(self.base, self.wrappers, doc.text, self.start(start, doc), cfg, **kw)
-        return adapter, vars(report)
+        return adapter, {**vars(report), "budget_s": budget}
 
     def conditions(self, name: str, docs: list[Document]) -> dict:
         """Every condition on every question of `docs`; (e) takes the next document's (c) adapter."""
         preds: dict[str, list[list[str]]] = {c: [] for c in CONDITIONS}
         adapters, reports = [], []
-        budget = self.args.distill.budget_s
         for doc in tqdm(docs, desc=f"{name}: (a) (b) (p) (c)"):
             preds["a"].append(self.answers(None, doc))
             preds["b"].append(self.in_context(doc))
             preds["p"].append(self.answers(self.generator.generate(doc.text), doc))
-            adapter, report = self.internalize(doc, budget)
+            adapter, report = self.internalize(doc, self.generator.budget_for(None, doc.text))
             adapters.append(adapter)
             reports.append(report)
             preds["c"].append(self.answers(adapter, doc))
         for i, doc in enumerate(tqdm(docs, desc=f"{name}: (e)")):
             preds["e"].append(self.answers(adapters[(i + 1) % len(docs)], doc))
         result = summarize(preds, docs)
-        result["budget_s"] = budget
+        result["budget_s"] = statistics.median(r["budget_s"] for r in reports)
         result["tokens_median"] = statistics.median(self.count_tokens(d.text) for d in docs)
         result["job"] = {
             k: round(statistics.median(r[k] for r in reports), 2)
-            for k in ("probes", "taught", "steps", "teacher_s", "train_s", "elapsed_s", "probe_loss")
+            for k in ("budget_s", "probes", "taught", "steps", "teacher_s", "train_s", "elapsed_s", "probe_loss")
         }
         return result
 
@@ -150,9 +149,11 @@ class Evaluator:
             for doc in tqdm(docs, desc=f"needle {length} tokens"):
                 preds["a"].append(self.answers(None, doc))
                 preds["b"].append(self.in_context(doc))
-                preds["c"].append(self.answers(self.internalize(doc, a.distill.budget_s)[0], doc))
+                preds["c"].append(
+                    self.answers(self.internalize(doc, self.generator.budget_for(None, doc.text))[0], doc)
+                )
             buckets[str(length)] = summarize(preds, docs)
-        return {"budget_s": a.distill.budget_s, "buckets": buckets}
+        return {"budget_per_512_tokens_s": a.distill.budget_s, "buckets": buckets}
 
     def curve(self, docs: list[Document]) -> dict:
         """Mean scores against seconds per start, and the ceiling: snapshots of one job of the largest budget."""

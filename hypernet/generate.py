@@ -28,6 +28,7 @@ from loracast.lora_spec import LoraSpec
 MAX_DESCRIPTION_CHARS = 4000
 MAX_DOCUMENT_BYTES = 2**20
 MAX_BUDGET_S = 3600.0
+BUDGET_TOKENS = 512  # the default budget buys this many document tokens; longer documents get more, in proportion
 
 
 class InputError(UserError, ValueError):
@@ -176,12 +177,15 @@ class DocToLoRAGenerator(HypernetGenerator):
             raise InputError("the document has no text the model can read: give UTF-8 text with words in it")
         return internalize(self.hyper, self.base.model, itertools.chain([first], chunks), self.max_rank)
 
-    def budget_for(self, budget_s: float | None) -> float:
-        """The seconds a document gets: `budget_s`, or the configured default when None."""
-        budget = self.distill.budget_s if budget_s is None else budget_s
-        if not 0 <= budget <= MAX_BUDGET_S:
-            raise InputError(f"the budget must be between 0 and {MAX_BUDGET_S:.0f} seconds, not {budget:g}")
-        return budget
+    def budget_for(self, budget_s: float | None, document: str = "") -> float:
+        """The seconds a document gets: `budget_s`, or by default the configured budget per BUDGET_TOKENS tokens
+        of `document` (at least the configured budget, at most MAX_BUDGET_S)."""
+        if budget_s is None:
+            tokens = len(self.base.tokenizer(document, add_special_tokens=False)["input_ids"]) if document else 0
+            return min(MAX_BUDGET_S, self.distill.budget_s * max(1.0, tokens / BUDGET_TOKENS))
+        if not 0 <= budget_s <= MAX_BUDGET_S:
+            raise InputError(f"the budget must be between 0 and {MAX_BUDGET_S:.0f} seconds, not {budget_s:g}")
+        return budget_s
 
     def internalize(
         self,
@@ -192,7 +196,7 @@ class DocToLoRAGenerator(HypernetGenerator):
     ) -> Adapter:
         """The one pass, refined by self-distillation for `budget_s` seconds (None: the default; 0: the pass alone).
         Raises self_distill.Cancelled when `cancelled()` turns true; progress goes to `on_progress`."""
-        cfg = replace(self.distill, budget_s=self.budget_for(budget_s))
+        cfg = replace(self.distill, budget_s=self.budget_for(budget_s, document))
         with self._lock:
             adapter, _ = distill_document(
                 self.base,

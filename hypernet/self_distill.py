@@ -21,6 +21,7 @@ and teacher batches and raises `Cancelled`.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from loracast.lora import LoRALinear, applied
 
 LOSSES = ("kl", "ce")
 TEACHER_BATCH = 32  # probes decoded together: bigger batches are faster per probe, smaller ones stop sooner
+WINDOW_TOKENS = 1024  # the most document the teacher reads at once: longer documents are taught window by window
+MAX_ROWS = 2048  # training rows kept per document (their frozen-below states are held in memory)
 PHASES = ("start", "probes", "teacher", "distill", "done")
 
 
@@ -141,6 +144,23 @@ def zero_start(wrappers: dict[tuple[int, str], LoRALinear], rank: int, seed: int
     return out
 
 
+def windows(document: str, count_tokens: Callable[[str], int], max_tokens: int = WINDOW_TOKENS) -> list[str]:
+    """The document cut at sentence ends into pieces of at most ~`max_tokens` tokens (a longer sentence alone)."""
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for sentence in re.split(r"(?<=[.!?])\s+", document.strip()):
+        n = count_tokens(sentence) + 1
+        if current and size + n > max_tokens:
+            pieces.append(" ".join(current))
+            current, size = [], 0
+        current.append(sentence)
+        size += n
+    if current:
+        pieces.append(" ".join(current))
+    return pieces
+
+
 def self_questions(base: BaseModel, document: str, max_new_tokens: int = 96) -> list[str]:
     """Questions the base model writes itself with the document in its prompt (the "self" probe family)."""
     reply = teach(base, document, [probe_writer.SELF_QUESTION_PROMPT], k=1, max_new_tokens=max_new_tokens)[0]
@@ -174,27 +194,31 @@ def distill_document(
         return adapter, report
 
     clock.tick("probes", 0, float("nan"))
-    if questions is None:
-        written = probe_writer.write_probes(document, [f for f in cfg.families if f != "self"])
-        if "self" in cfg.families:
-            written += [probe_writer.Probe("self", q) for q in self_questions(base, document)]
-    else:
-        written = [probe_writer.Probe("test", q) for q in questions]
-    report.probes = len(written)
-
-    clock.tick("teacher", 0, float("nan"))
-    deadline = t0 + cfg.budget_s
+    views = windows(document, lambda t: len(base.tokenizer(t, add_special_tokens=False)["input_ids"]))
+    taught: list[str] = []
     targets: list[Target] = []
-    plain = [p.question for p in written if not p.shuffled]
-    shuffled = [p.question for p in written if p.shuffled]
-    with applied(wrappers, None):
-        targets = teach(base, document, plain, cfg.top_k, cfg.max_new_tokens, TEACHER_BATCH, deadline, clock.check)
-        taught = plain[: len(targets)]
-        if shuffled and time.perf_counter() < deadline:
-            variant = probe_writer.shuffled_document(document)
-            more = teach(base, variant, shuffled, cfg.top_k, cfg.max_new_tokens, TEACHER_BATCH, deadline, clock.check)
+    deadline = t0 + cfg.budget_s
+    for view in views:
+        if questions is None:
+            written = probe_writer.write_probes(view, [f for f in cfg.families if f != "self"])
+            if "self" in cfg.families:
+                written += [probe_writer.Probe("self", q) for q in self_questions(base, view)]
+        else:
+            written = [probe_writer.Probe("test", q) for q in questions]
+        report.probes += len(written)
+        clock.tick("teacher", 0, float("nan"))
+        for text, group in ((view, [p for p in written if not p.shuffled]), (None, [p for p in written if p.shuffled])):
+            if not group or time.perf_counter() >= deadline:
+                continue
+            asked = [p.question for p in group]
+            text = text or probe_writer.shuffled_document(view)
+            with applied(wrappers, None):
+                more = teach(base, text, asked, cfg.top_k, cfg.max_new_tokens, TEACHER_BATCH, deadline, clock.check)
             targets += more
-            taught += shuffled[: len(more)]
+            taught += asked[: len(more)]
+    if len(targets) > MAX_ROWS:  # a long document: an even spread of its probes keeps memory flat
+        keep = [round(i * len(targets) / MAX_ROWS) for i in range(MAX_ROWS)]
+        taught, targets = [taught[i] for i in keep], [targets[i] for i in keep]
     report.taught, report.teacher_s = len(targets), clock.elapsed()
 
     adapter, report.steps, report.losses, report.train_s = _train(

@@ -10,7 +10,15 @@ import torch
 
 from hypernet import d2l_data, probes
 from hypernet.generate import DocToLoRAGenerator, InputError
-from hypernet.self_distill import Cancelled, DistillConfig, FrozenBelow, Progress, distill_document, zero_start
+from hypernet.self_distill import (
+    Cancelled,
+    DistillConfig,
+    FrozenBelow,
+    Progress,
+    distill_document,
+    windows,
+    zero_start,
+)
 from hypernet.sni_data import chat_prompt, collate
 from hypernet.teacher import teach, teacher_turn
 from hypernet.train_d2l import run_teacher
@@ -165,3 +173,28 @@ def test_the_generator_internalizes_within_its_budget_and_refuses_bad_budgets(ti
 def test_lora_wrappers_are_left_without_an_adapter(tiny_base, wrappers):
     distill_document(tiny_base, wrappers, DOC, lambda: zero_start(wrappers, 4), TINY)
     assert all(w.A is None and w.B is None for w in wrappers.values())
+
+
+def test_long_documents_are_taught_window_by_window_at_sentence_ends():
+    sentences = [f"Sentence number {i} names Kelvar {i}." for i in range(40)]
+    pieces = windows(" ".join(sentences), lambda t: len(t.split()), max_tokens=30)
+    assert len(pieces) > 1 and all(len(p.split()) <= 30 for p in pieces)
+    assert " ".join(pieces).split(". ") == " ".join(sentences).split(". ")
+
+
+def test_every_window_gets_its_own_probes(tiny_base, wrappers, monkeypatch):
+    long_doc = " ".join(f"Kelvar {i} was founded in {1800 + i}." for i in range(60))
+    one = len(probes.write_probes(long_doc))
+    monkeypatch.setattr(windows, "__defaults__", (64,))  # windows of 64 tokens instead of 1024
+    _, report = distill_document(
+        tiny_base, wrappers, long_doc, lambda: zero_start(wrappers, 4), replace(TINY, max_steps=1)
+    )
+    assert report.probes > one  # seeds and spans repeat per window
+
+
+def test_the_default_budget_grows_with_the_document(tiny_d2l, tiny_base):
+    generator = DocToLoRAGenerator(tiny_d2l, tiny_base, distill=replace(TINY, budget_s=10))
+    short, long = "A short one.", " ".join(["Another sentence of the long document."] * 400)
+    assert generator.budget_for(None, short) == 10
+    assert generator.budget_for(None, long) > 10 * 2
+    assert generator.budget_for(5, long) == 5  # a budget asked for is kept
