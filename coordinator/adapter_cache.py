@@ -64,12 +64,19 @@ class NotCached(LookupError):
         return f"no adapter {self.args[0]} in this coordinator's cache"
 
 
-def source_key(kind: str, hypernet_version: str, checkpoint_sha256: str, text: str) -> str:
+def source_key(
+    kind: str, hypernet_version: str, checkpoint_sha256: str, text: str, budget_s: float | None = None
+) -> str:
     """The index key of one source text: the same text through the same checkpoint always makes the same adapter.
 
-    The checkpoint's own hash is part of it because a retrained checkpoint keeps its hypernet version.
+    The checkpoint's own hash is part of it because a retrained checkpoint keeps its hypernet version. A document's
+    internalization budget (`budget_s`) is too: each budget makes its own adapter. Descriptions have none, and their
+    keys stay those of the caches written before budgets existed.
     """
-    material = json.dumps([kind, hypernet_version, checkpoint_sha256, text], ensure_ascii=False)
+    fields: list[str | float] = [kind, hypernet_version, checkpoint_sha256, text]
+    if budget_s is not None:
+        fields.append(float(budget_s))
+    material = json.dumps(fields, ensure_ascii=False)
     return hashlib.sha256(material.encode()).hexdigest()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from loracast.paths import DEFAULT_BASE  # torch-free, like everything imported at this level
+from loracast.progress import add_budget_flag
 from loracast.server_flags import add_security_flags, optional_path
 
 
@@ -28,6 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         base=args.base,
         max_concurrent=args.max_concurrent,
         max_document_bytes=round(args.max_document_mb * 2**20),
+        budget_seconds=args.budget_seconds,
         cache_capacity_bytes=round(args.capacity_mb * 2**20),
         security=server_security(args),
     )
@@ -54,5 +56,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--base", default=DEFAULT_BASE, help="'smollm2' or a Hugging Face model directory")
     s.add_argument("--max-concurrent", type=int, default=2, help="generations in flight; more get RESOURCE_EXHAUSTED")
     s.add_argument("--max-document-mb", type=float, default=1.0, help="the largest document InternalizeDocument takes")
+    add_budget_flag(s, "the Doc-to-LoRA generator's own; for a document whose request names none, more for a long one")
     add_security_flags(s)
     s.set_defaults(func=cmd_serve)

@@ -7,7 +7,7 @@ The series the worker exports too (cache lookups, bytes streamed, transfer time)
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from loracast.serving_metrics import BYTES_STREAMED, CACHE_REQUESTS, TRANSFER_SECONDS
 
@@ -18,11 +18,27 @@ CACHE_MISSES = CACHE_REQUESTS.labels(component=COMPONENT, result="miss")
 BYTES_SENT = BYTES_STREAMED.labels(component=COMPONENT)
 TRANSFER = TRANSFER_SECONDS.labels(component=COMPONENT)
 
+# For "d2l" this is the internalization's time: the one pass and the self-distillation of its budget.
 GENERATION_SECONDS = Histogram(
     "loracast_adapter_generation_seconds",
-    "Time of one hypernetwork pass that made an adapter (cache hits are not counted)",
+    "Time to make one adapter: a Text-to-LoRA pass, or a whole Doc-to-LoRA internalization (cache hits not counted)",
     ["kind"],  # "t2l" or "d2l"
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+INTERNALIZATIONS = Counter(
+    "loracast_internalizations",
+    "Doc-to-LoRA internalizations that ended, by outcome",
+    ["outcome"],  # "done", "cancelled" (no caller waited any more) or "failed"
+)
+INTERNALIZATION_STEPS = Histogram(
+    "loracast_internalization_steps",
+    "Self-distillation steps of one finished internalization (0: the one pass alone)",
+    buckets=(0, 1, 5, 10, 25, 50, 100, 200, 400, 800, 1600),
+)
+PROBE_LOSS = Histogram(
+    "loracast_internalization_probe_loss",
+    "The last step's probe loss of one finished internalization (internalizations without a step are not counted)",
+    buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
 )
 IN_FLIGHT = Gauge("loracast_generations_in_flight", "Hypernetwork passes running now")
 CACHED_ADAPTERS = Gauge("loracast_coordinator_cached_adapters", "Adapters in the coordinator's cache")

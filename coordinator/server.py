@@ -1,35 +1,42 @@
 """The coordinator's gRPC server: hypernetworks turn texts into adapters, a content-addressed cache keeps them,
 FetchAdapter streams them (protos/loracast/v1/loracast.proto documents every RPC and its errors).
 
-- A text (description or document) is looked up by its source key first: the same text through the same
-  checkpoint never costs a second generation, across restarts, and concurrent asks for one text share one pass.
-- At most `max_concurrent` generations run at once; one more is refused at once with RESOURCE_EXHAUSTED and a
-  `retry-after-ms` trailer (about one generation's time), so callers back off instead of queueing unseen.
-- A call whose deadline leaves less than a typical generation of that kind is refused with DEADLINE_EXCEEDED
-  before it takes a slot.
-- Documents exist only in memory during their call: never written to disk, never logged.
+- A text (description, or document and budget) is looked up by its source key first: the same text through the
+  same checkpoint never costs a second generation, across restarts, and concurrent asks for one text share one job.
+- A document's job (one pass, then self-distillation for its budget) runs in a thread of its own and streams its
+  progress to every call that follows it; when the last of them goes away, the job is cancelled at its next step
+  and leaves nothing behind.
+- At most `max_concurrent` generations run at once, and one document at a time (the Doc-to-LoRA generator runs
+  its jobs one after another); one more is refused at once with RESOURCE_EXHAUSTED and a `retry-after-ms`
+  trailer, so callers back off instead of queueing unseen.
+- A call whose deadline leaves less than its budget plus the usual overrun of that kind (for a description: a
+  typical pass) is refused with DEADLINE_EXCEEDED before it takes a slot.
+- Documents, and the probes and teacher answers made from them, exist only in memory during their job: never
+  written to disk, never logged.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import functools
 import hashlib
+import math
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, cast
 
 import grpc
 
 from coordinator import metrics
 from coordinator.adapter_cache import AdapterCache, CacheError, NotCached, PageTokenError, source_key
 from hypernet import checkpoint
-from hypernet.generate import DocToLoRAGenerator, InputError, TextToLoRAGenerator, check_description
+from hypernet.generate import MAX_BUDGET_S, DocToLoRAGenerator, InputError, TextToLoRAGenerator, check_description
+from hypernet.self_distill import Cancelled, DistillConfig, Progress
 from loracast import adapter_wire, base_model
 from loracast.adapter_format import Adapter
 from loracast.adapter_wire import WireError
@@ -42,6 +49,7 @@ from loracast.grpc_common import (
     abort,
     check_listen,
     create_server,
+    returned,
     serve,
     streamed,
 )
@@ -52,6 +60,7 @@ from loracast.v1 import loracast_pb2_grpc as pb_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 MIN_RETRY_MS = 100  # what a refused caller is told to wait before any generation has been timed
+OUTCOMES = ("done", "cancelled", "failed")  # of an internalization, as its metric counts them
 _NAMES = {"t2l": "Text-to-LoRA", "d2l": "Doc-to-LoRA"}
 
 
@@ -70,6 +79,9 @@ class CoordinatorConfig:
     base: str = DEFAULT_BASE  # 'smollm2' or a Hugging Face directory: the checkpoint must match it
     max_concurrent: int = 2  # generations in flight; more are refused with RESOURCE_EXHAUSTED
     max_document_bytes: int = 2**20
+    # The budget of a document whose request names none, in seconds (the generator gives a long document more, in
+    # proportion to its length); None: the Doc-to-LoRA generator's own default.
+    budget_seconds: float | None = None
     cache_capacity_bytes: int | None = 4 * 2**30  # None: unbounded
     security: ServerSecurity = field(default_factory=ServerSecurity)
 
@@ -86,6 +98,23 @@ class Generator(Protocol):
     def spec_for(self, adapter: Adapter) -> LoraSpec: ...  # one adapter's own (Doc-to-LoRA: its rank grows)
 
     def metadata(self, text: str) -> dict[str, str]: ...
+
+
+class DocumentGenerator(Generator, Protocol):
+    """What Doc-to-LoRA adds: an internalization with a budget, progress and cancellation (DocToLoRAGenerator)."""
+
+    distill: DistillConfig  # its budget_s: the default budget (per so many document tokens)
+
+    # None: the default for `document`; out of range: InputError
+    def budget_for(self, budget_s: float | None, document: str = "") -> float: ...
+
+    def internalize(
+        self,
+        document: str,
+        budget_s: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Adapter: ...  # raises Cancelled once cancelled() is true
 
 
 @dataclass(frozen=True)
@@ -116,6 +145,112 @@ class Hypernet:
             alpha=spec.alpha,
             target_modules=spec.target_modules,
         )
+
+
+@dataclass(frozen=True)
+class _Made:
+    adapter_id: str
+    seconds: float | None  # None: found in the cache after all, no hypernetwork ran
+
+
+class _Job:
+    """One generation, shared by every call that asks for its source while it runs.
+
+    Each call follows it until the call ends: it sees the job's progress from the first event, then its adapter id
+    or its error. A job no call follows any more is cancelled as soon as it asks (`cancelled`, polled by an
+    internalization between its steps), and from then on no call may join it: nobody ever receives a Cancelled.
+    """
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.budget_s = budget_s  # None: a one-pass generation (Text-to-LoRA), not an internalization
+        self._changed = threading.Condition()
+        self._events: list[pb.InternalizeEvent] = []
+        self._followers = 0
+        self._cancelled = False
+        self._outcome: _Made | BaseException | None = None
+
+    def join(self, context: grpc.ServicerContext) -> bool:
+        """Count `context`'s call as a follower until it ends; False if the job is cancelled already."""
+        with self._changed:
+            if self._cancelled:
+                return False
+            self._followers += 1
+        if not context.add_callback(self._leave):  # the call has ended already
+            self._leave()
+        return True
+
+    def _leave(self) -> None:
+        with self._changed:
+            self._followers -= 1
+            self._changed.notify_all()  # wakes the follower whose call just ended
+
+    def cancelled(self) -> bool:
+        with self._changed:
+            self._cancelled = self._cancelled or self._followers == 0
+            return self._cancelled
+
+    def wanted(self) -> bool:
+        with self._changed:
+            return self._followers > 0
+
+    def report(self, progress: Progress) -> None:
+        event = pb.InternalizeEvent(
+            progress=pb.InternalizeProgress(
+                phase=progress.phase,
+                step=progress.step,
+                probe_loss=progress.probe_loss,
+                elapsed_seconds=progress.elapsed_s,
+                estimate_seconds=progress.estimate_s,
+            )
+        )
+        with self._changed:
+            self._events.append(event)
+            self._changed.notify_all()
+
+    def latest(self) -> pb.InternalizeProgress | None:
+        with self._changed:
+            return self._events[-1].progress if self._events else None
+
+    def remaining_s(self) -> float:
+        """Seconds until the job should end, from its latest estimate (its whole budget before the first)."""
+        latest = self.latest()
+        if latest is None:
+            return self.budget_s or 0.0
+        return max(0.0, latest.estimate_seconds - latest.elapsed_seconds)
+
+    def end(self, outcome: _Made | BaseException) -> None:
+        with self._changed:
+            self._outcome = outcome
+            self._changed.notify_all()
+
+    def _news_for(self, seen: int, context: grpc.ServicerContext) -> bool:
+        """Under the lock: whether a follower that has seen `seen` events has something to act on."""
+        return len(self._events) > seen or self._outcome is not None or not context.is_active()
+
+    def follow(self, context: grpc.ServicerContext) -> collections.abc.Generator[pb.InternalizeEvent, None, _Made]:
+        """The job's progress events as they come, then its outcome (returned, or its error raised), until
+        `context`'s deadline passes or its caller goes away."""
+        seen = 0
+        while True:
+            with self._changed:
+                self._changed.wait_for(
+                    functools.partial(self._news_for, seen, context),
+                    # Without a deadline, time_remaining() is ~9e18 s, more than a thread may wait.
+                    timeout=min(max(context.time_remaining(), 0.0), threading.TIMEOUT_MAX),
+                )
+                events, outcome = self._events[seen:], self._outcome
+            seen += len(events)
+            yield from events
+            if isinstance(outcome, BaseException):
+                raise outcome
+            if outcome is not None:
+                return outcome
+            if context.time_remaining() <= 0:
+                raise RequestError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while this adapter was being made"
+                )
+            if not context.is_active():
+                raise RequestError(grpc.StatusCode.CANCELLED, "the caller went away")
 
 
 # What the coordinator's own errors answer with (a RequestError carries its status itself).
@@ -150,10 +285,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._clock = clock
         self._slots = threading.BoundedSemaphore(config.max_concurrent)
         self._lock = threading.Lock()
-        self._pending: dict[str, Future[str]] = {}  # source key -> the adapter id its running generation makes
-        self._typical: dict[str, float] = {}  # kind -> recent generation seconds (moving average)
+        self._idle = threading.Condition(self._lock)  # notified whenever a job ends
+        self._pending: dict[str, _Job] = {}  # source key -> its running job, the one a new call may join
+        self._running = 0  # jobs not ended yet, those a cancelled job's successor replaced in _pending included
+        # kind -> recent seconds a generation took beyond its budget (moving average): a pass, for a description
+        self._overrun: dict[str, float] = {}
         for kind in self.hypernets:
             metrics.GENERATION_SECONDS.labels(kind=kind)  # the series exists (at 0) before the first generation
+        if "d2l" in self.hypernets:
+            for outcome in OUTCOMES:
+                metrics.INTERNALIZATIONS.labels(outcome=outcome)
+
+    def close(self) -> None:
+        """Wait for the jobs still running, so that none writes to the cache after it is closed. Call it once the
+        server has stopped: its calls are gone, so an internalization is cancelled at its next step."""
+        with self._lock:
+            self._idle.wait_for(lambda: self._running == 0)
 
     # -- RPCs -------------------------------------------------------------------------------------------------
 
@@ -162,16 +309,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     ) -> pb.GenerateResponse:
         try:
             text = check_description(request.description)
-            return self._adapter_for(self._hypernet("t2l"), text, adapter_wire.wire_dtype(request.dtype), context)
+            net, dtype = self._hypernet("t2l"), adapter_wire.wire_dtype(request.dtype)
+            return returned(self._adapter_for(net, text, None, dtype, context))
         except Exception as exc:
             _abort(context, exc)
 
     def InternalizeDocument(
         self, request_iterator: Iterator[pb.DocumentChunk], context: grpc.ServicerContext
-    ) -> pb.GenerateResponse:
+    ) -> Iterator[pb.InternalizeEvent]:
         try:
-            text, dtype = self._read_document(request_iterator)
-            return self._adapter_for(self._hypernet("d2l"), text, dtype, context)
+            text, dtype, budget = self._read_document(request_iterator)
+            net = self._hypernet("d2l")
+            budget = cast(DocumentGenerator, net.generator).budget_for(budget, text)
+            response = yield from self._adapter_for(net, text, budget, dtype, context)
+            yield pb.InternalizeEvent(result=response)
         except Exception as exc:
             _abort(context, exc)
 
@@ -217,13 +368,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"no {_NAMES[kind]} hypernetwork is loaded")
         return net
 
-    def _read_document(self, request_iterator: Iterator[pb.DocumentChunk]) -> tuple[str, int]:
-        """The whole document, checked while it streams in; it stays in this call's memory only."""
+    def _read_document(self, request_iterator: Iterator[pb.DocumentChunk]) -> tuple[str, int, float | None]:
+        """The whole document, checked while it streams in (it stays in memory only), its dtype and the budget it
+        asks for (None: the default)."""
         limit = self.config.max_document_bytes
-        document, dtype = bytearray(), None
+        document, dtype, budget = bytearray(), None, None
         for chunk in request_iterator:
             if dtype is None:
                 dtype = adapter_wire.wire_dtype(chunk.dtype)
+                budget = chunk.budget_seconds if chunk.HasField("budget_seconds") else None
             if len(document) + len(chunk.data) > limit:  # refuse before holding more than the limit
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"the document is over the {limit}-byte limit: send a shorter one"
@@ -237,80 +390,119 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             ) from None
         if not text.strip():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the document is empty: send its text")
-        return text, dtype
+        return text, dtype, budget
 
-    def _adapter_for(self, net: Hypernet, text: str, dtype: int, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        key = source_key(net.kind, net.version, net.checkpoint_sha256, text)
+    def _adapter_for(
+        self, net: Hypernet, text: str, budget: float | None, dtype: int, context: grpc.ServicerContext
+    ) -> collections.abc.Generator[pb.InternalizeEvent, None, pb.GenerateResponse]:
+        """The adapter of `text` (a document: at `budget`; None: a description's one pass), from the cache or from
+        the job this call starts or joins; yields the job's progress on the way."""
+        key = source_key(net.kind, net.version, net.checkpoint_sha256, text, budget)
         cached = self.cache.find(key, dtype)
         if cached is not None:
             metrics.CACHE_HITS.inc()
             return pb.GenerateResponse(manifest=cached.manifest, cached=True)
         with self._lock:
-            pending = self._pending.get(key)
-            if pending is None:
-                self._admit(net, context)
-                pending = self._pending[key] = Future()
-                leading = True
-            else:
-                leading = False
-        if not leading:  # the same text is being generated for another call: share its result
+            job = self._pending.get(key)
+            joined = job is not None and job.join(context)
+            if not joined:  # no job, or a cancelled one: it stops at its next step and a new one takes its place
+                self._admit(net, budget, context)
+                job = self._pending[key] = _Job(budget)
+                self._running += 1
+                job.join(context)
+        if joined:  # the same text is being generated for another call: share its job
             metrics.CACHE_HITS.inc()
-            try:
-                # Without a deadline, time_remaining() is ~9e18 s, more than a thread may wait.
-                adapter_id = pending.result(timeout=min(context.time_remaining(), threading.TIMEOUT_MAX))
-            except FutureTimeout:
-                raise RequestError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while this adapter was being generated"
-                ) from None
-            return pb.GenerateResponse(manifest=self.cache.get(adapter_id, dtype).manifest, cached=True)
+        elif budget is None:  # a pass takes milliseconds: this call's thread runs it
+            self._run(job, net, key, text, dtype)
+        else:  # an internalization outlives the call that started it while others follow it
+            threading.Thread(target=self._run, args=(job, net, key, text, dtype), name="internalize").start()
+        made = yield from job.follow(context)
+        ran = not joined and made.seconds is not None
+        return pb.GenerateResponse(
+            manifest=self.cache.get(made.adapter_id, dtype).manifest,
+            cached=not ran,
+            generation_seconds=made.seconds if ran else 0.0,
+        )
+
+    def _run(self, job: _Job, net: Hypernet, key: str, text: str, dtype: int) -> None:
+        """Make `job`'s adapter and end the job with it, or with the error; then free its slot."""
         try:
-            # A generation of this text may have finished between the lookup above and taking the lead.
-            wire = self.cache.find(key, dtype)
-            if wire is None:
-                response = self._generate(net, key, text, dtype)
-            else:
-                metrics.CACHE_HITS.inc()
-                response = pb.GenerateResponse(manifest=wire.manifest, cached=True)
-            pending.set_result(response.manifest.adapter_id)
-        except BaseException as exc:
-            pending.set_exception(exc)
-            raise
+            job.end(self._make(job, net, key, text, dtype))
+        except BaseException as exc:  # every follower must hear how the job ended
+            job.end(exc)
         finally:
             with self._lock:
-                del self._pending[key]
-            self._slots.release()
-        return response
+                if self._pending.get(key) is job:
+                    del self._pending[key]
+                self._running -= 1
+                self._slots.release()
+                self._idle.notify_all()
 
-    def _generate(self, net: Hypernet, key: str, text: str, dtype: int) -> pb.GenerateResponse:
-        """One hypernetwork pass, its adapter cached (even when the caller's deadline has passed meanwhile: its
-        retry is then a hit)."""
+    def _make(self, job: _Job, net: Hypernet, key: str, text: str, dtype: int) -> _Made:
+        """The adapter, cached (even when the callers' deadlines have passed meanwhile: a retry is then a hit)."""
+        # A generation of this text may have finished between the callers' lookup and this job's start.
+        wire = self.cache.find(key, dtype)
+        if wire is not None:
+            metrics.CACHE_HITS.inc()
+            return _Made(wire.manifest.adapter_id, None)
         metrics.CACHE_MISSES.inc()
         with metrics.IN_FLIGHT.track_inprogress():
             start = self._clock()
-            adapter = net.generator.generate(text)
+            adapter = net.generator.generate(text) if job.budget_s is None else self._internalize(job, net, text)
             seconds = self._clock() - start
         wire = self.cache.put(key, adapter, net.generator.spec_for(adapter), net.generator.metadata(text), dtype)
         metrics.GENERATION_SECONDS.labels(kind=net.kind).observe(seconds)
+        overrun = max(0.0, seconds - (job.budget_s or 0.0))
         with self._lock:
-            previous = self._typical.get(net.kind)
-            self._typical[net.kind] = seconds if previous is None else 0.7 * previous + 0.3 * seconds
-        return pb.GenerateResponse(manifest=wire.manifest, cached=False, generation_seconds=seconds)
+            previous = self._overrun.get(net.kind)
+            self._overrun[net.kind] = overrun if previous is None else 0.7 * previous + 0.3 * overrun
+        return _Made(wire.manifest.adapter_id, seconds)
 
-    def _admit(self, net: Hypernet, context: grpc.ServicerContext) -> None:
-        """Under the lock: take a generation slot, or refuse (deadline too short, all slots busy)."""
-        typical = self._typical.get(net.kind, 0.0)
+    def _internalize(self, job: _Job, net: Hypernet, text: str) -> Adapter:
+        generator = cast(DocumentGenerator, net.generator)
+        try:
+            adapter = generator.internalize(text, job.budget_s, on_progress=job.report, cancelled=job.cancelled)
+        except Cancelled:
+            metrics.INTERNALIZATIONS.labels(outcome="cancelled").inc()
+            raise
+        except Exception:
+            metrics.INTERNALIZATIONS.labels(outcome="failed").inc()
+            raise
+        metrics.INTERNALIZATIONS.labels(outcome="done").inc()
+        done = job.latest()
+        if done is not None:
+            metrics.INTERNALIZATION_STEPS.observe(done.step)
+            if not math.isnan(done.probe_loss):
+                metrics.PROBE_LOSS.observe(done.probe_loss)
+        return adapter
+
+    def _admit(self, net: Hypernet, budget: float | None, context: grpc.ServicerContext) -> None:
+        """Under the lock: take a generation slot, or refuse (deadline too short, a document already being
+        internalized, all slots busy)."""
+        overrun = self._overrun.get(net.kind, 0.0)
+        expected = (budget or 0.0) + overrun
         remaining = context.time_remaining()
-        if remaining <= 0 or remaining < typical:
+        if remaining <= 0 or remaining < expected:
+            what = f"a {_NAMES[net.kind]} generation" if budget is None else f"a {budget:g}-second internalization"
             raise RequestError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the deadline leaves {remaining:.2f} s and a {_NAMES[net.kind]} generation takes about "
-                f"{typical:.2f} s here: allow more time",
+                f"the deadline leaves {remaining:.2f} s and {what} takes about {expected:.2f} s here: allow more "
+                f"time{'' if budget is None else ' or a smaller budget'}",
             )
+        if budget is not None:
+            # A job nobody waits for any more only holds the generator until its next step: the new one waits.
+            running = next((job for job in self._pending.values() if job.budget_s is not None and job.wanted()), None)
+            if running is not None:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "another document is being internalized, and documents go one at a time: retry later",
+                    retry_after_ms=max(MIN_RETRY_MS, round(1000 * running.remaining_s())),
+                )
         if not self._slots.acquire(blocking=False):
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this coordinator already runs {self.config.max_concurrent} generations, its maximum: retry later",
-                retry_after_ms=max(MIN_RETRY_MS, round(1000 * typical)),
+                retry_after_ms=max(MIN_RETRY_MS, round(1000 * overrun)),
             )
 
 
@@ -320,6 +512,7 @@ class RunningCoordinator(RunningServer):
     cache: AdapterCache
 
     def release(self) -> None:
+        self.servicer.close()
         self.cache.close()
 
 
@@ -329,6 +522,10 @@ def _check_config(config: CoordinatorConfig) -> str:
         raise ConfigError(f"max concurrent generations must be at least 1, not {config.max_concurrent}")
     if config.max_document_bytes < 1:
         raise ConfigError(f"the document size limit must be positive, not {config.max_document_bytes} bytes")
+    if config.budget_seconds is not None and not 0 <= config.budget_seconds <= MAX_BUDGET_S:
+        raise ConfigError(
+            f"the default budget must be between 0 and {MAX_BUDGET_S:.0f} seconds, not {config.budget_seconds:g}"
+        )
     if config.cache_capacity_bytes is not None and config.cache_capacity_bytes <= 0:
         raise ConfigError(f"the cache capacity must be positive, not {config.cache_capacity_bytes} bytes")
     config.security.credentials()  # reads the certificate files: a missing one fails now
@@ -341,25 +538,32 @@ def _wants_d2l(config: CoordinatorConfig) -> bool:
     return path is not None and (Path(path) != checkpoint.DEFAULT_D2L or checkpoint.DEFAULT_D2L.is_file())
 
 
-def load_hypernets(config: CoordinatorConfig, t2l: Generator | None = None) -> tuple[list[Hypernet], str]:
+def load_hypernets(
+    config: CoordinatorConfig, t2l: Generator | None = None, d2l: DocumentGenerator | None = None
+) -> tuple[list[Hypernet], str]:
     """The hypernetworks of `config`, checked against its base model, and that base's fingerprint: Text-to-LoRA
-    (`t2l` when given, else its checkpoint) and Doc-to-LoRA when `config` asks for it."""
+    (`t2l` when given, else its checkpoint) and Doc-to-LoRA (`d2l` when given, else its checkpoint when `config`
+    asks for it), with `config`'s default budget."""
     # The base model is loaded, not just named, to verify the checkpoints were trained for it, and Doc-to-LoRA
     # encodes documents with it: one copy in memory serves both.
-    d2l = _wants_d2l(config)
-    base = base_model.load(config.base) if t2l is None or d2l else None
+    load_d2l = d2l is None and _wants_d2l(config)
+    base = base_model.load(config.base) if t2l is None or load_d2l else None
     if t2l is None:
         t2l = TextToLoRAGenerator(config.t2l_checkpoint, base)
     nets = [Hypernet.of("t2l", t2l)]
-    if d2l and Path(config.d2l_checkpoint) == checkpoint.DEFAULT_D2L:
+    if load_d2l and Path(config.d2l_checkpoint) == checkpoint.DEFAULT_D2L:
         # The shipped checkpoint serves the default base only; with another base, documents are simply not
         # served (a checkpoint named on the command line must fit, and fails the start otherwise).
         trained_for = checkpoint.read_metadata(checkpoint.DEFAULT_D2L).get("base_fingerprint")
         if trained_for != base.fingerprint:
             print("the shipped Doc-to-LoRA checkpoint is for another base: documents are not served", file=sys.stderr)
-            d2l = False
-    if d2l:
-        nets.append(Hypernet.of("d2l", DocToLoRAGenerator(config.d2l_checkpoint, base)))
+            load_d2l = False
+    if load_d2l:
+        d2l = DocToLoRAGenerator(config.d2l_checkpoint, base)
+    if d2l is not None:
+        if config.budget_seconds is not None:
+            d2l.distill = replace(d2l.distill, budget_s=config.budget_seconds)
+        nets.append(Hypernet.of("d2l", d2l))
     return nets, t2l.fingerprint
 
 
@@ -367,15 +571,16 @@ def start(
     config: CoordinatorConfig,
     t2l: Generator | None = None,
     *,
+    d2l: DocumentGenerator | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> RunningCoordinator:
-    """Load the hypernetworks (`t2l` replaces the Text-to-LoRA checkpoint), open the cache, serve; returns once the
+    """Load the hypernetworks (`t2l` and `d2l` replace the checkpoints), open the cache, serve; returns once the
     server is SERVING.
 
     Raises ConfigError for anything in `config` that cannot work, CheckpointError / BaseModelError for models.
     """
     host = _check_config(config)
-    nets, fingerprint = load_hypernets(config, t2l)
+    nets, fingerprint = load_hypernets(config, t2l, d2l)
     try:
         cache = AdapterCache(config.cache_dir, config.cache_capacity_bytes)
     except CacheError as exc:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from loracast.progress import add_budget_flag
+
 if TYPE_CHECKING:
     from loracast.grpc_common import ClientSecurity
 
@@ -57,21 +59,30 @@ def cmd_ask(args: argparse.Namespace) -> None:
     import json
     import sys
 
-    from edge_client.client import Done, EdgeClient
+    from edge_client.client import Done, EdgeClient, Progress
     from loracast.errors import UserError
+    from loracast.progress import InternalizationBar
 
+    if args.budget_seconds is not None and args.doc is None:
+        raise UserError("--budget-seconds is for --doc: a task's or an id's adapter needs no internalization")
     options = {
         "task": args.task,
         "document": _read(args.doc, "--doc") if args.doc is not None else None,
         "adapter_id": args.adapter,
+        "budget_seconds": args.budget_seconds,
         "mode": args.mode,
         "max_new_tokens": args.max_new_tokens,
     }
     printed = False
+    bar = InternalizationBar()
+
+    def show(p: Progress) -> None:
+        bar.update(p.phase, p.step, p.probe_loss, p.elapsed_seconds, p.estimate_seconds)
+
     try:
-        with EdgeClient(args.worker, _security(args)) as client:
+        with EdgeClient(args.worker, _security(args)) as client, bar:
             if args.json:
-                answer = client.ask(args.question, **options)
+                answer = client.ask(args.question, **options, on_progress=show)
                 result = {
                     "answer": answer.text,
                     "adapter_id": answer.adapter_id,
@@ -82,6 +93,10 @@ def cmd_ask(args: argparse.Namespace) -> None:
                 print(json.dumps(result, ensure_ascii=False))
                 return
             for event in client.stream(args.question, **options):
+                if isinstance(event, Progress):
+                    show(event)
+                    continue
+                bar.close()  # the answer starts below the finished bar
                 if isinstance(event, str):
                     sys.stdout.write(event)
                     sys.stdout.flush()
@@ -110,6 +125,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="hot-swap",
         help="hot-swap: LoRA as graph inputs (instant switch); merged: folded into the weights (faster per token)",
     )
+    add_budget_flag(p, "the coordinator's")
     p.add_argument("--max-new-tokens", type=_count, default=0, metavar="N", help="0: the worker's default")
     p.add_argument("--json", action="store_true", help="print one JSON object: answer, adapter, tokens, timings")
     p.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA")

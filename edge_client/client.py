@@ -4,7 +4,10 @@
         for event in client.stream("Is this review positive?", task="Classify the sentiment of a review."):
             if isinstance(event, str):
                 print(event, end="", flush=True)
-        answer = client.ask("What is the warranty period?", document=Path("manual.txt").read_bytes())
+        answer = client.ask("What is the warranty period?", document=Path("manual.txt").read_bytes(), budget_seconds=30)
+
+A document the coordinator has not internalized yet first streams `Progress` events (phase, step, probe loss,
+seconds elapsed of the estimate) before `Started`.
 
 gRPC failures surface as `EdgeError`, carrying the status code name, the worker's message and, when the worker
 is busy, how long it asked us to wait (`retry_after_ms`).
@@ -12,7 +15,7 @@ is busy, how long it asked us to wait (`retry_after_ms`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -57,7 +60,18 @@ class Done:
     timings: Timings
 
 
-Event = Started | str | Done  # `str` is a piece of the answer's text
+@dataclass(frozen=True)
+class Progress:
+    """Where the internalization of the request's document stands (protos/loracast/v1/loracast.proto)."""
+
+    phase: str  # "start", "probes", "teacher", "distill", "done", in this order
+    step: int
+    probe_loss: float  # NaN before the first step
+    elapsed_seconds: float
+    estimate_seconds: float  # of the whole internalization
+
+
+Event = Progress | Started | str | Done  # `str` is a piece of the answer's text
 
 
 @dataclass(frozen=True)
@@ -69,15 +83,19 @@ class Answer:
     timings: Timings
 
 
-def _adapter_ref(task: str | None, document: bytes | None, adapter_id: str | None) -> pb.AdapterRef | None:
+def _adapter_ref(
+    task: str | None, document: bytes | None, adapter_id: str | None, budget_seconds: float | None
+) -> pb.AdapterRef | None:
     sources = (("task", task), ("document", document), ("adapter_id", adapter_id))
     chosen = [name for name, value in sources if value is not None]
     if len(chosen) > 1:
         raise ValueError(f"choose one adapter source, not {' and '.join(chosen)}")
+    if budget_seconds is not None and document is None:
+        raise ValueError("budget_seconds is for a document: a task or an adapter id has no internalization")
     if task is not None:
         return pb.AdapterRef(task=task)
     if document is not None:
-        return pb.AdapterRef(document=document)
+        return pb.AdapterRef(document=document, budget_seconds=budget_seconds)
     if adapter_id is not None:
         return pb.AdapterRef(adapter_id=adapter_id)
     return None
@@ -91,6 +109,9 @@ def _error(call: grpc.RpcError) -> EdgeError:
 
 def _event(message: pb.GenerateEvent) -> Event | None:
     kind = message.WhichOneof("event")
+    if kind == "progress":
+        p = message.progress
+        return Progress(p.phase, p.step, p.probe_loss, p.elapsed_seconds, p.estimate_seconds)
     if kind == "started":
         return Started(message.started.adapter_id, message.started.resident)
     if kind == "token":
@@ -126,23 +147,30 @@ class EdgeClient:
         task: str | None = None,
         document: bytes | None = None,
         adapter_id: str | None = None,
+        budget_seconds: float | None = None,
         mode: str = "hot-swap",
         max_new_tokens: int = 0,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> Iterator[Event]:
-        """`Started`, then the answer's text pieces as they are decoded, then `Done`.
+        """`Progress` while a document is internalized, `Started`, the answer's text pieces as they are decoded,
+        then `Done`.
 
         Choose at most one of `task`, `document` (UTF-8 bytes, sent as they are) and `adapter_id`; none asks the
-        base model. `max_new_tokens=0` takes the worker's default. Raises `EdgeError` for a failed call.
+        base model. `budget_seconds` is a document's internalization budget (None: the coordinator's default; 0: one
+        hypernetwork pass) and adds to `timeout`. `max_new_tokens=0` takes the worker's default. Raises `EdgeError`
+        for a failed call; stopping early (or Ctrl-C) cancels the call, and with it an internalization nobody else
+        waits for.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         request = pb.GenerateRequest(
-            adapter=_adapter_ref(task, document, adapter_id),
+            adapter=_adapter_ref(task, document, adapter_id, budget_seconds),
             prompt=question,
             max_new_tokens=max_new_tokens,
             mode=MODES[mode],
         )
+        if timeout is not None and budget_seconds is not None:
+            timeout += budget_seconds
         call = self._stub.Generate(request, timeout=timeout)
         try:
             for message in call:
@@ -162,11 +190,13 @@ class EdgeClient:
         task: str | None = None,
         document: bytes | None = None,
         adapter_id: str | None = None,
+        budget_seconds: float | None = None,
         mode: str = "hot-swap",
         max_new_tokens: int = 0,
         timeout: float | None = DEFAULT_TIMEOUT,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> Answer:
-        """The whole answer at once (see `stream`)."""
+        """The whole answer at once (see `stream`); a document's `Progress` goes to `on_progress` as it comes."""
         started: Started | None = None
         done: Done | None = None
         pieces: list[str] = []
@@ -175,12 +205,16 @@ class EdgeClient:
             task=task,
             document=document,
             adapter_id=adapter_id,
+            budget_seconds=budget_seconds,
             mode=mode,
             max_new_tokens=max_new_tokens,
             timeout=timeout,
         )
         for event in events:
-            if isinstance(event, Started):
+            if isinstance(event, Progress):
+                if on_progress is not None:
+                    on_progress(event)
+            elif isinstance(event, Started):
                 started = event
             elif isinstance(event, Done):
                 done = event

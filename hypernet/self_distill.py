@@ -7,7 +7,8 @@
         loss = KL(targets || base + adapter | probe alone)         top-k KL, or cross-entropy on the answers
         adapter -= Adam step
 
-The adapted model *without* the document learns to answer as the model *with* it does. Only layers from
+The adapted model *without* the document learns to answer as the model *with* it does. A document longer
+than the teacher's window (WINDOW_TOKENS) is taught window by window, each with its own probes. Only layers from
 `first_layer` up are trained: the frozen layers below see the same probe tokens at every step, so their
 output is computed once (`FrozenBelow`) and each step runs and back-propagates through the top layers only.
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from loracast.errors import UserError
 from loracast.paths import DEFAULT_BASE, write_json
+from loracast.progress import add_budget_flag
 
 DEMO_TASKS = [
     (
@@ -46,6 +47,8 @@ def _data_dir(value: str | None) -> Path:
 def cmd_generate(args: argparse.Namespace) -> None:
     from hypernet.checkpoint import DEFAULT_D2L, DEFAULT_T2L
     from hypernet.generate import DocToLoRAGenerator, TextToLoRAGenerator, check_description, read_document
+    from loracast import adapter_format
+    from loracast.progress import InternalizationBar
 
     t0 = time.perf_counter()
     # Input is checked first, so bad input fails fast, before anything is loaded or written.
@@ -54,10 +57,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         text = read_document(Path(args.document), args.max_document_bytes)
         generator = DocToLoRAGenerator(Path(args.checkpoint or DEFAULT_D2L), base_model.load(args.base))
+        with InternalizationBar() as bar:
+            adapter = generator.internalize(
+                text,
+                args.budget_seconds,
+                on_progress=lambda p: bar.update(p.phase, p.step, p.probe_loss, p.elapsed_s, p.estimate_s),
+            )
+        spec = generator.spec_for(adapter)
+        out = adapter_format.save(Path(args.out), adapter, spec, args.base, generator.metadata(text))
     else:
+        if args.budget_seconds is not None:
+            raise UserError("--budget-seconds is for --document: a description's adapter is one pass")
         text = check_description(args.description)
         generator = TextToLoRAGenerator(Path(args.checkpoint or DEFAULT_T2L))
-    out = generator.save(text, Path(args.out), args.base)
+        out = generator.save(text, Path(args.out), args.base)
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s, base {generator.fingerprint[:12]}…)")
 
 
@@ -120,16 +133,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.what == "d2l":
         from hypernet.eval_d2l import EvalArgs, evaluate, table
+        from hypernet.self_distill import DistillConfig
 
         eargs = EvalArgs(
             data_dir=_data_dir(args.data),
             d2l_path=Path(args.checkpoint or checkpoint.DEFAULT_D2L),
             base=args.base,
+            distill=DistillConfig(**({} if args.budget_seconds is None else {"budget_s": args.budget_seconds})),
             fictional=args.documents,
             passages=args.passages,
             needles=args.needles,
-            speed_documents=args.speed_documents,
-            cd_steps=args.cd_steps,
+            curve_documents=args.curve_documents,
+            budgets=tuple(float(b) for b in args.budgets.split(",")),
             threads=args.threads,
             sets=tuple(args.sets.split(",")),
         )
@@ -278,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
         help="base model recorded in adapter_config.json (with --document also loaded: it encodes the document)",
     )
     g.add_argument("--max-document-bytes", type=int, default=2**20, help="larger documents are refused")
+    add_budget_flag(g, "the Doc-to-LoRA generator's own")
     g.set_defaults(func=cmd_generate, uses_transformers=True)
 
     a = sub.add_parser("answer", help="answer prompts with an adapter (greedy, chat template)")
@@ -337,12 +353,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="dev", help="t2l: SNI split")
     e.add_argument("--limit", type=int, help="t2l: instances per task (default: all of them)")
     e.add_argument("--mtl", help="t2l: multi-task LoRA checkpoint (default: shipped)")
-    e.add_argument("--documents", type=int, default=24, help="d2l: held-out fictional documents")
-    e.add_argument("--passages", type=int, default=60, help="d2l: held-out reading-comprehension passages")
-    e.add_argument("--needles", type=int, default=10, help="d2l: needle documents per length")
-    e.add_argument("--speed-documents", type=int, default=6, help="d2l: ~512-token documents timed against CD")
-    e.add_argument("--cd-steps", type=int, default=32, help="d2l: context distillation steps per document")
-    e.add_argument("--sets", default="fictional,passages,needle,speed", help="d2l: which parts to run")
+    e.add_argument("--documents", type=int, default=12, help="d2l: held-out fictional profiles")
+    e.add_argument("--passages", type=int, default=12, help="d2l: held-out reading-comprehension passages")
+    e.add_argument("--needles", type=int, default=4, help="d2l: needle documents per length")
+    e.add_argument("--curve-documents", type=int, default=6, help="d2l: profiles on the quality-time curve")
+    e.add_argument("--budgets", default="0,2,5,10,15,20,40,60,80", help="d2l: seconds on the curve")
+    add_budget_flag(e, "d2l: the shipped one, per 512 document tokens")
+    e.add_argument("--sets", default="fictional,composites,passages,needle,curve", help="d2l: which parts to run")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     e.set_defaults(func=cmd_eval, uses_transformers=True)
 

@@ -13,12 +13,12 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import MappingProxyType
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -31,6 +31,7 @@ from loracast.errors import UserError
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a data chunk is at most 1 MiB; documents arrive as a stream
 HEALTH_SERVICE = health.SERVICE_NAME
 RETRY_AFTER_MS = "retry-after-ms"
+T = TypeVar("T")
 _OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 RPC_TOTAL = Counter("loracast_rpc_total", "Finished RPCs by gRPC status code", ["component", "method", "code"])
@@ -453,3 +454,12 @@ def streamed(iterator: Iterator, context: grpc.ServicerContext) -> Iterator:
         if not context.is_active():
             return
         yield item
+
+
+def returned(generator: Generator[object, None, T]) -> T:
+    """What `generator` returns, for a caller that has no use for what it yields on the way (progress events)."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import queue
 import re
 import signal
@@ -33,7 +34,8 @@ from coordinator.adapter_cache import AdapterCache, NotCached, source_key
 from coordinator.server import MIN_RETRY_MS, CoordinatorConfig, RunningCoordinator, start
 from hypernet import checkpoint
 from hypernet.generate import MAX_DESCRIPTION_CHARS, DocToLoRAGenerator, TextToLoRAGenerator
-from loracast import adapter_wire
+from hypernet.self_distill import PHASES, Cancelled, DistillConfig, Progress
+from loracast import adapter_wire, cli
 from loracast.adapter_format import META_FINGERPRINT, Adapter, as_float32
 from loracast.grpc_common import (
     RETRY_AFTER_MS,
@@ -52,6 +54,7 @@ TASK = "Reverse the given list."
 OTHER_TASK = "Write the word in capitals."
 READY = re.compile(r"loracast coordinator ready: grpc=(?P<grpc>\S+:\d+) metrics=http://(?P<metrics>\S+:\d+)/metrics")
 TIMEOUT = 60.0  # seconds for one call on a busy 2-core machine
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(scope="module")
@@ -90,20 +93,55 @@ class Recorder:
         return self.inner.metadata(text)
 
 
+class Internalizer(DocToLoRAGenerator):
+    """The real Doc-to-LoRA generator on the tiny Llama, recording the budget of each internalization and how it
+    ended. With `hold` set to a phase, a job waits after reporting that phase until `gate` is set or the job is
+    cancelled (its next step then raises Cancelled): the test's moment to cancel, to let a deadline pass or to send
+    another call."""
+
+    def __init__(self, path: Path, base, budget_s: float = 2.0, hold: str | None = None) -> None:
+        # Short teacher answers leave most of a 2-second budget to training steps (tens of them on 2 busy cores).
+        super().__init__(path, base, distill=DistillConfig(budget_s=budget_s, max_steps=50, max_new_tokens=8))
+        self.hold, self.gate, self.held = hold, threading.Event(), threading.Event()
+        self.budgets: list[float | None] = []
+        self.outcomes: list[str] = []
+
+    def internalize(self, document, budget_s=None, on_progress=None, cancelled=None) -> Adapter:
+        self.budgets.append(budget_s)
+
+        def progress(p: Progress) -> None:
+            on_progress(p)
+            if p.phase == self.hold:
+                self.held.set()
+                deadline = time.monotonic() + TIMEOUT
+                while not self.gate.wait(0.01) and not cancelled():
+                    assert time.monotonic() < deadline, "the test never let the job go on"
+
+        try:
+            adapter = super().internalize(document, budget_s, progress, cancelled)
+        except Cancelled:
+            self.outcomes.append("cancelled")
+            raise
+        self.outcomes.append("done")
+        return adapter
+
+
 @contextlib.contextmanager
 def serving(
     cache_dir: Path,
     hypernet: Recorder,
     client: ClientSecurity | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    d2l: Internalizer | None = None,
     **overrides,
 ) -> Iterator[tuple[RunningCoordinator, pb_grpc.CoordinatorStub]]:
     """A coordinator on 127.0.0.1:<free port>, SERVING, and a stub on a channel with `client` security.
 
-    No Doc-to-LoRA unless `overrides` name a checkpoint: a shipped one must not change what these tests see."""
+    No Doc-to-LoRA unless given (`d2l`) or `overrides` name a checkpoint: a shipped one must not change what these
+    tests see."""
     overrides = {"d2l_checkpoint": None, **overrides}
     config = CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", metrics_port=None, **overrides)
-    running = start(config, hypernet, clock=clock)
+    running = start(config, hypernet, d2l=d2l, clock=clock)
     channel = open_channel(f"127.0.0.1:{running.port}", client)
     try:
         wait_until_serving(channel, timeout=TIMEOUT)
@@ -118,10 +156,39 @@ def describe(stub: pb_grpc.CoordinatorStub, description: str, dtype: int = pb.FL
     return stub.GenerateFromDescription(request, timeout=kw.pop("timeout", TIMEOUT), **kw)
 
 
-def internalize(stub: pb_grpc.CoordinatorStub, *parts: bytes, dtype: int = pb.FLOAT32) -> pb.GenerateResponse:
-    """InternalizeDocument with the document sent as `parts`, one DocumentChunk each (dtype in the first only)."""
-    chunks = [pb.DocumentChunk(data=part, dtype=dtype if i == 0 else 0) for i, part in enumerate(parts)]
-    return stub.InternalizeDocument(iter(chunks), timeout=TIMEOUT)
+def document_chunks(*parts: bytes, dtype: int = pb.FLOAT32, budget: float | None = None) -> list[pb.DocumentChunk]:
+    """One DocumentChunk per part, the settings in the first only (as the coordinator reads them)."""
+    chunks = [pb.DocumentChunk(data=part) for part in parts]
+    if chunks:
+        chunks[0].dtype = dtype
+        if budget is not None:
+            chunks[0].budget_seconds = budget
+    return chunks
+
+
+def internalize(
+    stub: pb_grpc.CoordinatorStub,
+    *parts: bytes,
+    dtype: int = pb.FLOAT32,
+    budget: float | None = None,
+    timeout: float = TIMEOUT,
+) -> tuple[list[pb.InternalizeProgress], pb.GenerateResponse]:
+    """InternalizeDocument with the document sent as `parts`: its progress events and its result, checking that
+    the result comes last and alone."""
+    chunks = document_chunks(*parts, dtype=dtype, budget=budget)
+    *progress, last = stub.InternalizeDocument(iter(chunks), timeout=timeout)
+    assert [e.WhichOneof("event") for e in progress] == ["progress"] * len(progress)
+    assert last.WhichOneof("event") == "result"
+    return [e.progress for e in progress], last.result
+
+
+def phases(progress: list[pb.InternalizeProgress]) -> list[str]:
+    """The phases in the order they came, each once: PHASES' order, from start to done."""
+    seen = [p.phase for p in progress]
+    order = [phase for i, phase in enumerate(seen) if i == 0 or phase != seen[i - 1]]
+    assert order[0] == "start" and order[-1] == "done" and order == sorted(order, key=PHASES.index), order
+    assert len(set(order)) == len(order), order
+    return order
 
 
 def fetch(stub: pb_grpc.CoordinatorStub, adapter_id: str, dtype: int = pb.FLOAT32, **kw) -> tuple:
@@ -437,12 +504,15 @@ def test_documents_are_checked_and_never_kept(
     assert marker not in out and marker not in err
 
 
-def test_a_document_becomes_the_doc_to_lora_adapter_once_and_is_never_kept(
+def _count(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_document_streams_its_progress_then_its_adapter_made_once_per_budget_and_never_kept(
     tmp_path: Path,
     generator: TextToLoRAGenerator,
     tiny_d2l: Path,
     tiny_base,
-    tiny_base_dir: Path,
     capfd: pytest.CaptureFixture,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -450,19 +520,24 @@ def test_a_document_becomes_the_doc_to_lora_adapter_once_and_is_never_kept(
     marker = "MARKER-7c3a"
     document = " ".join(f"Fact {i}: the lighthouse of Orvel{i} is {i * 9} metres tall." for i in range(5))
     document += f" The vault code is {marker}."
-    d2l = DocToLoRAGenerator(tiny_d2l, tiny_base)
-    generations = {"kind": "d2l"}
-    with_d2l = {"base": str(tiny_base_dir), "d2l_checkpoint": tiny_d2l}
-    with serving(tmp_path / "cache", Recorder(generator), **with_d2l) as (_, stub):
+    d2l = Internalizer(tiny_d2l, tiny_base, budget_s=5.0)  # the generator's default, replaced by the config's
+    before = {
+        "generations": _count("loracast_adapter_generation_seconds_count", kind="d2l"),
+        "done": _count("loracast_internalizations_total", outcome="done"),
+        "steps": _count("loracast_internalization_steps_count"),
+        "losses": _count("loracast_internalization_probe_loss_count"),
+    }
+    with serving(tmp_path / "cache", Recorder(generator), d2l=d2l, budget_seconds=2.0) as (_, stub):
         about = {net.kind: net for net in stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT).hypernetworks}
         assert set(about) == {"t2l", "d2l"}
         assert (about["d2l"].hypernet_version, about["d2l"].rank) == ("d2l-1", d2l.spec.r)
         assert tuple(about["d2l"].target_modules) == ("down_proj",)
-        before = REGISTRY.get_sample_value("loracast_adapter_generation_seconds_count", generations)
 
-        reply = internalize(stub, document.encode())
-        assert not reply.cached and reply.generation_seconds > 0
-        manifest, payload = fetch(stub, reply.manifest.adapter_id)
+        # Budget 0: the hypernetwork's one pass alone, bit-exact with the generator's.
+        progress, one_pass = internalize(stub, document.encode(), budget=0.0)
+        assert phases(progress) == ["start", "done"]
+        assert not one_pass.cached and one_pass.generation_seconds > 0
+        manifest, payload = fetch(stub, one_pass.manifest.adapter_id)
         adapter, spec, metadata = adapter_wire.decode(manifest, payload)
         expected = d2l.generate(document)
         want = d2l.spec_for(expected)
@@ -475,14 +550,142 @@ def test_a_document_becomes_the_doc_to_lora_adapter_once_and_is_never_kept(
         for key, (a, b) in expected.items():  # float32 is bit-exact
             assert np.array_equal(adapter[key][0], as_float32(a)) and np.array_equal(adapter[key][1], as_float32(b))
 
-        again = internalize(stub, document.encode())
-        assert again.cached and again.manifest == manifest
-        assert REGISTRY.get_sample_value("loracast_adapter_generation_seconds_count", generations) == before + 1
+        # No budget named: the coordinator's default (2 s, from its config), distilled: another adapter.
+        progress, distilled = internalize(stub, document.encode())
+        assert phases(progress) == ["start", "probes", "teacher", "distill", "done"]
+        assert progress[0].estimate_seconds == 2.0 and math.isnan(progress[0].probe_loss)
+        done = progress[-1]
+        assert done.step > 0 and done.step == max(p.step for p in progress) and not math.isnan(done.probe_loss)
+        assert done.estimate_seconds == done.elapsed_seconds >= max(p.elapsed_seconds for p in progress)
+        assert not distilled.cached and distilled.manifest.adapter_id != one_pass.manifest.adapter_id
+
+        # Asked again at the same budget (named this time), the cache answers: the result alone, no job.
+        for budget, made in ((2.0, distilled), (0.0, one_pass), (None, distilled)):
+            progress, again = internalize(stub, document.encode(), budget=budget)
+            assert progress == [] and again.cached and again.generation_seconds == 0
+            assert again.manifest == made.manifest
+        assert d2l.budgets == [0.0, 2.0] and d2l.outcomes == ["done", "done"]
+
+        for budget in (-1.0, 3601.0, math.nan):
+            error = refused(lambda b=budget: internalize(stub, document.encode(), budget=b), INVALID)
+            assert "budget must be between 0 and 3600 seconds" in error.details()
         listed = stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters
-        assert [(a.adapter_id, a.source) for a in listed] == [(manifest.adapter_id, "document")]
+        assert {(a.adapter_id, a.source) for a in listed} == {
+            (one_pass.manifest.adapter_id, "document"),
+            (distilled.manifest.adapter_id, "document"),
+        }
+    assert d2l.budgets == [0.0, 2.0]
+    assert _count("loracast_adapter_generation_seconds_count", kind="d2l") == before["generations"] + 2
+    assert _count("loracast_internalizations_total", outcome="done") == before["done"] + 2
+    assert _count("loracast_internalization_steps_count") == before["steps"] + 2
+    assert _count("loracast_internalization_probe_loss_count") == before["losses"] + 1  # the one pass has none
     assert files_containing(tmp_path, marker.encode()) == []
     out, err = capfd.readouterr()
     assert marker not in out and marker not in err and marker not in caplog.text
+
+
+def _finished_calls() -> float:
+    return _count("loracast_rpc_duration_seconds_count", component="coordinator", method="InternalizeDocument")
+
+
+def test_callers_of_one_document_and_budget_share_one_job_and_its_progress(
+    tmp_path: Path, generator: TextToLoRAGenerator, tiny_d2l: Path, tiny_base
+) -> None:
+    d2l = Internalizer(tiny_d2l, tiny_base, budget_s=1.0, hold="probes")
+    document = b"The magic number of Zarvik is 48213."
+    with serving(tmp_path / "cache", Recorder(generator), d2l=d2l) as (_, stub):
+        first = stub.InternalizeDocument(iter(document_chunks(document)), timeout=TIMEOUT)
+        assert d2l.held.wait(TIMEOUT)
+        hits = _count("loracast_adapter_cache_requests_total", component="coordinator", result="hit")
+        second = stub.InternalizeDocument(iter(document_chunks(document, budget=1.0)), timeout=TIMEOUT)
+        # The joiner sees the job's progress from its start.
+        seen = [next(second) for _ in range(2)]
+        assert [e.progress.phase for e in seen] == ["start", "probes"]
+        assert _count("loracast_adapter_cache_requests_total", component="coordinator", result="hit") == hits + 1
+
+        # Another document meanwhile: refused, documents go one at a time, with a hint of when to retry.
+        error = refused(lambda: internalize(stub, b"Another document.", budget=0.0), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "one at a time" in error.details() and int(dict(error.trailing_metadata())[RETRY_AFTER_MS]) > 0
+
+        d2l.gate.set()
+        made, shared = list(first), seen + list(second)
+        assert [e.WhichOneof("event") for e in (made[-1], shared[-1])] == ["result", "result"]
+        assert phases([e.progress for e in made[:-1]]) == phases([e.progress for e in shared[:-1]])
+        assert not made[-1].result.cached and shared[-1].result.cached
+        assert shared[-1].result.manifest == made[-1].result.manifest
+    assert d2l.budgets == [1.0] and d2l.outcomes == ["done"]
+
+
+def test_the_job_is_cancelled_when_its_last_caller_goes_away_and_leaves_nothing(
+    tmp_path: Path, generator: TextToLoRAGenerator, tiny_d2l: Path, tiny_base
+) -> None:
+    d2l = Internalizer(tiny_d2l, tiny_base, budget_s=1.0, hold="probes")
+    document = b"The magic number of Zarvik is 48213."
+    with serving(tmp_path / "cache", Recorder(generator), d2l=d2l) as (_, stub):
+        # Two callers, one leaves: the job goes on for the other.
+        leaving = stub.InternalizeDocument(iter(document_chunks(document)), timeout=TIMEOUT)
+        assert d2l.held.wait(TIMEOUT)
+        staying = stub.InternalizeDocument(iter(document_chunks(document)), timeout=TIMEOUT)
+        assert next(staying).progress.phase == "start"
+        finished = _finished_calls()
+        leaving.cancel()
+        _until(lambda: _finished_calls() == finished + 1)  # the coordinator has seen it go
+        d2l.gate.set()
+        assert list(staying)[-1].result.manifest.adapter_id
+        assert d2l.outcomes == ["done"]
+
+        # The only caller leaves: the job stops at its next step and nothing is cached.
+        d2l.gate.clear()
+        d2l.held.clear()
+        before = _count("loracast_internalizations_total", outcome="cancelled")
+        alone = stub.InternalizeDocument(iter(document_chunks(document, budget=2.0)), timeout=TIMEOUT)
+        assert d2l.held.wait(TIMEOUT)
+        alone.cancel()
+        _until(lambda: len(d2l.outcomes) == 2)
+        assert d2l.outcomes == ["done", "cancelled"]
+        _until(lambda: _count("loracast_internalizations_total", outcome="cancelled") == before + 1)
+        assert len(stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters) == 1
+
+        # Asked again, the document makes a new job, which runs to its end.
+        d2l.gate.set()
+        progress, reply = internalize(stub, document, budget=2.0)
+        assert not reply.cached and phases(progress)[-1] == "done"
+    assert d2l.budgets == [1.0, 2.0, 2.0] and d2l.outcomes == ["done", "cancelled", "done"]
+
+
+def test_stopping_the_coordinator_cancels_its_jobs_and_waits_for_them(
+    tmp_path: Path, generator: TextToLoRAGenerator, tiny_d2l: Path, tiny_base
+) -> None:
+    d2l = Internalizer(tiny_d2l, tiny_base, budget_s=1.0, hold="probes")
+    config = CoordinatorConfig(cache_dir=tmp_path / "cache", listen="127.0.0.1:0", metrics_port=None)
+    running = start(config, Recorder(generator), d2l=d2l)
+    with open_channel(f"127.0.0.1:{running.port}") as channel:  # open beyond the stop: the server ends the call
+        wait_until_serving(channel, timeout=TIMEOUT)
+        call = pb_grpc.CoordinatorStub(channel).InternalizeDocument(iter(document_chunks(b"A doc.")), timeout=TIMEOUT)
+        assert d2l.held.wait(TIMEOUT)
+        running.stop(None)
+        assert d2l.outcomes == ["cancelled"]  # ended before stop returned: nothing writes to the closed cache
+        refused(lambda: list(call), grpc.StatusCode.UNAVAILABLE)
+
+
+def test_a_deadline_cancels_the_job_and_caches_nothing(
+    tmp_path: Path, generator: TextToLoRAGenerator, tiny_d2l: Path, tiny_base
+) -> None:
+    d2l = Internalizer(tiny_d2l, tiny_base, budget_s=1.0, hold="probes")
+    document = b"The magic number of Zarvik is 48213."
+    with serving(tmp_path / "cache", Recorder(generator), d2l=d2l) as (running, stub):
+        # A deadline shorter than the budget: refused up front, no job.
+        error = refused(lambda: internalize(stub, document, timeout=0.5), grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert "allow more time or a smaller budget" in error.details()
+        assert d2l.budgets == []
+
+        # Long enough to start, then it passes while the job is held: the job is cancelled, nothing is kept.
+        refused(lambda: internalize(stub, document, timeout=3.0), grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert d2l.held.is_set()
+        _until(lambda: len(d2l.outcomes) == 1)
+        assert d2l.outcomes == ["cancelled"]
+        assert stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters == []
+        assert running.cache.entries() == []
 
 
 def test_bearer_tokens(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
@@ -565,6 +768,8 @@ def test_start_refuses_configurations_that_cannot_work(
         start(CoordinatorConfig(cache_dir=cache_dir, listen="50051", metrics_port=None), generator)
     with pytest.raises(ConfigError, match="at least 1"):
         start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", max_concurrent=0), generator)
+    with pytest.raises(ConfigError, match="default budget must be between 0 and 3600 seconds, not 5000"):
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", budget_seconds=5000.0), generator)
     missing = ServerSecurity(tls_cert=tmp_path / "missing.pem", tls_key=tmp_path / "missing.key")
     with pytest.raises(ConfigError, match="cannot read"):
         start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", security=missing), generator)
@@ -628,6 +833,15 @@ def test_cli_serves_until_sigterm_with_metrics(tmp_path: Path, tiny_t2l: Path, t
     rpc = frozenset({coordinator, ("method", "GenerateFromDescription"), ("code", "OK")})
     assert samples[("loracast_rpc_total", rpc)] == 1
     assert reply.manifest.adapter_id not in text and TASK not in text
+
+
+def test_cli_budget_flag_is_the_default_budget_in_seconds(capsys: pytest.CaptureFixture) -> None:
+    parser = cli.parser()
+    assert parser.parse_args(["coordinator", "serve", "--budget-seconds", "0.5"]).budget_seconds == 0.5
+    assert parser.parse_args(["coordinator", "serve"]).budget_seconds is None  # the generator's own default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["coordinator", "serve", "--budget-seconds", "soon"])
+    assert "expected a number of seconds, got 'soon'" in capsys.readouterr().err
 
 
 def test_cli_bad_configuration_is_one_line_and_status_2(tmp_path: Path, tiny_base_dir: Path, tiny_t2l: Path) -> None:

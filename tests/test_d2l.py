@@ -401,15 +401,23 @@ def _error_line(capsys) -> str:
     return err[0]
 
 
-def test_generate_document_writes_an_adapter(tiny_d2l, tiny_base_dir, tmp_path):
+def test_generate_document_writes_an_adapter_and_shows_its_internalization(tiny_d2l, tiny_base_dir, tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text(LONG_DOC, encoding="utf-8")
     out = tmp_path / "adapter"
     argv = ["generate", "--document", str(doc), "--out", str(out), "--checkpoint", str(tiny_d2l)]
-    assert main([*argv, "--base", str(tiny_base_dir)]) == 0
+    assert main([*argv, "--base", str(tiny_base_dir), "--budget-seconds", "1"]) == 0
     _, spec, meta = adapter_format.load(out)
     assert meta["loracast.document_sha256"] == hashlib.sha256(doc.read_bytes()).hexdigest()
     assert spec.target_modules == ("down_proj",) and spec.r > 4
+    err = capsys.readouterr().err
+    assert "internalizing (teacher)" in err and "internalizing (done): 100%" in err  # the progress bar
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--budget-seconds", "-2"])
+    assert "the budget must be 0 seconds or more, not -2" in capsys.readouterr().err
+    assert main(["generate", "--description", "Reverse it.", "--out", str(out), "--budget-seconds", "1"]) == 2
+    assert _error_line(capsys).endswith("--budget-seconds is for --document: a description's adapter is one pass")
 
 
 @pytest.mark.parametrize(

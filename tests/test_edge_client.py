@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from edge_client.client import Answer, Done, EdgeClient, EdgeError, Started, Timings
+from edge_client.client import Answer, Done, EdgeClient, EdgeError, Progress, Started, Timings
 from loracast.cli import main
 from loracast.grpc_common import (
     ClientSecurity,
@@ -37,10 +37,17 @@ from loracast.v1 import loracast_pb2_grpc as pb_grpc
 ADAPTER_ID = "ab" * 32
 TIMINGS = pb.Timings(adapter_fetch_seconds=0.5, apply_seconds=0.25, first_token_seconds=1.0, total_seconds=2.0)
 WAIT = 30.0  # bound on every wait, so a broken client fails the test instead of hanging it
+# What a worker streams while the coordinator internalizes a document, before `started`.
+PROGRESS = (
+    pb.InternalizeProgress(phase="start", estimate_seconds=2.5),
+    pb.InternalizeProgress(phase="distill", step=3, probe_loss=0.5, elapsed_seconds=1.0, estimate_seconds=2.5),
+    pb.InternalizeProgress(phase="done", step=4, probe_loss=0.25, elapsed_seconds=2.0, estimate_seconds=2.0),
+)
 
 
 class ScriptedWorker(pb_grpc.WorkerServicer):
-    """Answers by prompt: "hello" streams a normal answer; the others exercise streaming and failures."""
+    """Answers by prompt: "hello" streams a normal answer; the others exercise streaming and failures. A document
+    is internalized first (PROGRESS)."""
 
     def __init__(self) -> None:
         self.requests: queue.Queue[pb.GenerateRequest] = queue.Queue()
@@ -54,6 +61,8 @@ class ScriptedWorker(pb_grpc.WorkerServicer):
             retry_later(context, 250, "too many generations in flight")
         if request.prompt == "missing":
             context.abort(grpc.StatusCode.NOT_FOUND, "no adapter with this id")
+        if request.adapter.WhichOneof("source") == "document":
+            yield from (pb.GenerateEvent(progress=p) for p in PROGRESS)
         yield pb.GenerateEvent(started=pb.GenerateEvent.Started(adapter_id=ADAPTER_ID, resident=True))
         if request.prompt == "hello":
             yield from (pb.GenerateEvent(token=pb.GenerateEvent.Token(text=t)) for t in ("Hel", "lo ", "wörld"))
@@ -123,6 +132,22 @@ def test_documents_go_as_bytes_unchanged_and_no_source_means_the_base_model(scri
         request = worker.next_request()
     assert not request.HasField("adapter")
     assert request.mode == pb.HOT_SWAP
+
+
+def test_a_documents_budget_is_sent_and_its_progress_comes_before_the_answer(scripted):
+    worker, target = scripted
+    with EdgeClient(target) as client:
+        events = list(client.stream("hello", document=b"The warranty lasts two years.", budget_seconds=2.5))
+        assert worker.next_request().adapter.budget_seconds == 2.5
+        progress = [Progress(p.phase, p.step, p.probe_loss, p.elapsed_seconds, p.estimate_seconds) for p in PROGRESS]
+        assert events[:4] == [*progress, Started(ADAPTER_ID, True)] and isinstance(events[-1], Done)
+        shown: list[Progress] = []
+        assert client.ask("hello", document=b"Doc.", on_progress=shown.append).text == "Hello wörld"
+        assert shown == progress
+        assert not worker.next_request().adapter.HasField("budget_seconds")  # the coordinator's default
+        with pytest.raises(ValueError, match="budget_seconds is for a document"):
+            client.ask("hello", task="t", budget_seconds=1.0)
+    assert worker.requests.empty()
 
 
 def test_two_adapter_sources_or_an_unknown_mode_are_refused_before_any_call(scripted):
@@ -225,6 +250,24 @@ def test_cli_streams_the_answer_as_it_arrives(scripted, monkeypatch):
     monkeypatch.setattr(sys, "stdout", terminal)
     assert _ask("--worker", target, "--task", "Count.", "stream") == 0
     assert terminal.getvalue() == "first second\n"
+
+
+def test_cli_shows_a_documents_progress_on_stderr_and_sends_its_budget(scripted, tmp_path, capsys):
+    worker, target = scripted
+    doc = tmp_path / "doc.txt"
+    doc.write_bytes(b"The warranty lasts two years.\n")
+    assert _ask("--worker", target, "--doc", str(doc), "--budget-seconds", "2.5", "hello") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Hello wörld\n"  # the answer alone: the bar is on stderr
+    assert "internalizing (done): 100%" in captured.err and "2.0/2.0 s, step 4, probe loss 0.250" in captured.err
+    assert worker.next_request().adapter.budget_seconds == 2.5
+
+    assert _ask("--worker", target, "--doc", str(doc), "--budget-seconds", "-1", "hello") == 2
+    assert "the budget must be 0 seconds or more, not -1" in capsys.readouterr().err
+    assert _ask("--worker", target, "--task", "t", "--budget-seconds", "1", "hello") == 2
+    expected = "--budget-seconds is for --doc: a task's or an id's adapter needs no internalization"
+    assert _error_line(capsys) == f"loracast: error: {expected}"
+    assert worker.requests.empty()
 
 
 def test_cli_json_prints_one_object_with_the_answer_and_timings(scripted, tmp_path, capsys):

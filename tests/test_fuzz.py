@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import operator
 import os
 import re
@@ -47,7 +48,7 @@ from test_worker import cache_root, model_dir  # noqa: F401 - module fixtures: t
 from coordinator.adapter_cache import source_key
 from coordinator.server import CoordinatorConfig, RunningCoordinator
 from coordinator.server import start as start_coordinator
-from hypernet.generate import MAX_DESCRIPTION_CHARS, TextToLoRAGenerator
+from hypernet.generate import MAX_BUDGET_S, MAX_DESCRIPTION_CHARS, TextToLoRAGenerator
 from loracast import adapter_format, adapter_wire
 from loracast.adapter_format import META_FINGERPRINT
 from loracast.adapter_wire import WireError
@@ -186,7 +187,7 @@ def attempt(
 
 METHODS = {  # rpc -> (gRPC method path, request cardinality, response cardinality)
     "Coordinator.GenerateFromDescription": ("/loracast.v1.Coordinator/GenerateFromDescription", "unary", "unary"),
-    "Coordinator.InternalizeDocument": ("/loracast.v1.Coordinator/InternalizeDocument", "stream", "unary"),
+    "Coordinator.InternalizeDocument": ("/loracast.v1.Coordinator/InternalizeDocument", "stream", "stream"),
     "Coordinator.FetchAdapter": ("/loracast.v1.Coordinator/FetchAdapter", "unary", "stream"),
     "Coordinator.ListAdapters": ("/loracast.v1.Coordinator/ListAdapters", "unary", "unary"),
     "Coordinator.Describe": ("/loracast.v1.Coordinator/Describe", "unary", "unary"),
@@ -257,6 +258,7 @@ def servers(
             d2l_checkpoint=tiny_d2l,
             base=str(tiny_base_dir),
             max_document_bytes=DOC_LIMIT,
+            budget_seconds=0.0,  # the one pass, unless a request names a budget
         )
     )
     try:
@@ -315,7 +317,7 @@ def known(servers: Servers) -> Known:
     request = pb.GenerateFromDescriptionRequest(description=TASK, dtype=pb.FLOAT32)
     made = stub.GenerateFromDescription(request, timeout=TIMEOUT)
     chunks = iter([pb.DocumentChunk(data=b"The magic number of Zarvik is 48213.", dtype=pb.FLOAT32)])
-    internalized = stub.InternalizeDocument(chunks, timeout=TIMEOUT)
+    internalized = list(stub.InternalizeDocument(chunks, timeout=TIMEOUT))[-1].result
     metadata = {META_FINGERPRINT: servers.fingerprint, adapter_wire.META_HYPERNET_VERSION: "t2l-fuzz"}
     key = source_key("t2l", "t2l-fuzz", "0" * 64, "a big adapter")
     big = servers.coordinator.cache.put(
@@ -342,6 +344,10 @@ def _mostly(valid: st.SearchStrategy, anything: st.SearchStrategy) -> st.SearchS
     return st.sampled_from([valid, valid, valid, anything]).flatmap(lambda strategy: strategy)
 
 
+# A document's budget: mostly none or 0 (the one pass: milliseconds), else out of range (or not a number).
+BUDGETS = _mostly(
+    st.sampled_from([None, 0.0, -0.0]), st.sampled_from([-1.0, 3600.5, 1e300, math.inf, -math.inf, math.nan])
+)
 DTYPES = _mostly(st.sampled_from([pb.DTYPE_UNSPECIFIED, pb.FLOAT16, pb.FLOAT32]), _ints(32, True))  # open enum
 MODES = _mostly(st.sampled_from([pb.APPLY_MODE_UNSPECIFIED, pb.HOT_SWAP, pb.MERGED]), _ints(32, True))
 HOSTILE_TEXTS = [
@@ -409,9 +415,14 @@ def _refs(known: Known) -> st.SearchStrategy[pb.AdapterRef]:
     return st.one_of(
         st.just(pb.AdapterRef()),  # nothing chosen inside the oneof
         st.builds(lambda text: pb.AdapterRef(task=text), TEXTS),
-        st.builds(lambda data: pb.AdapterRef(document=data), DOCUMENTS),
+        st.builds(lambda data, budget: pb.AdapterRef(document=data, budget_seconds=budget), DOCUMENTS, BUDGETS),
         st.builds(lambda adapter_id: pb.AdapterRef(adapter_id=adapter_id), _adapter_ids(known)),
+        st.just(pb.AdapterRef(task=TASK, budget_seconds=0.0)),  # a budget is for a document only
     )
+
+
+def _budget_ok(ref: pb.AdapterRef) -> bool:
+    return not ref.HasField("budget_seconds") or 0 <= ref.budget_seconds <= MAX_BUDGET_S
 
 
 def _described(description: str) -> bool:
@@ -470,18 +481,20 @@ def test_fuzz_internalize_document(servers: Servers) -> None:
     rpc = "Coordinator.InternalizeDocument"
 
     @fuzz(80)
-    @given(st.lists(st.builds(pb.DocumentChunk, data=DOCUMENTS, dtype=DTYPES), max_size=4))
+    @given(st.lists(st.builds(pb.DocumentChunk, data=DOCUMENTS, dtype=DTYPES, budget_seconds=BUDGETS), max_size=4))
     def batch(chunks: list[pb.DocumentChunk]) -> None:
         assume(not _tokenless(b"".join(c.data for c in chunks)))
-        code, reply, _ = attempt(
-            rpc, lambda: servers.coordinator_stub.InternalizeDocument(iter(chunks), timeout=TIMEOUT)
+        code, events, _ = attempt(
+            rpc, lambda: list(servers.coordinator_stub.InternalizeDocument(iter(chunks), timeout=TIMEOUT))
         )
         dtype = chunks[0].dtype if chunks else 0
-        valid = _document_ok(b"".join(c.data for c in chunks)) and dtype in (0, 1, 2)
+        valid = _document_ok(b"".join(c.data for c in chunks)) and dtype in (0, 1, 2) and _budget_ok(chunks[0])
         assert code == (OK if valid else INVALID), code
-        if reply is not None:
-            _check_manifest(reply.manifest, dtype, servers.fingerprint)
-            assert "loracast.document_sha256" in reply.manifest.provenance
+        if events is not None:
+            *progress, last = events
+            assert {e.WhichOneof("event") for e in progress} <= {"progress"}
+            _check_manifest(last.result.manifest, dtype, servers.fingerprint)
+            assert "loracast.document_sha256" in last.result.manifest.provenance
 
     batch()
     servers.assert_serving()
@@ -491,7 +504,7 @@ def test_a_document_without_tokens_is_invalid_argument(servers: Servers) -> None
     for document in (b"\x06", b"\x04\x13\x14\x16\x1d"):
         chunks = iter([pb.DocumentChunk(data=document)])
         with pytest.raises(grpc.RpcError) as info:
-            servers.coordinator_stub.InternalizeDocument(chunks, timeout=TIMEOUT)
+            list(servers.coordinator_stub.InternalizeDocument(chunks, timeout=TIMEOUT))
         assert info.value.code() == INVALID, info.value.details()
 
 
@@ -554,6 +567,7 @@ def _locally_invalid(ref: pb.AdapterRef) -> bool:
         kind is None
         or (kind == "task" and not ref.task.strip())
         or (kind == "document" and not ref.document)
+        or (kind != "document" and ref.HasField("budget_seconds"))
         or (kind == "adapter_id" and not HEX64.fullmatch(ref.adapter_id))
     )
 
@@ -566,7 +580,7 @@ def _ref_verdict(ref: pb.AdapterRef, known: Known, applied: bool) -> grpc.Status
     if kind == "task":
         return OK if _described(ref.task) else INVALID  # the coordinator's INVALID_ARGUMENT, passed on
     if kind == "document":
-        return OK if _document_ok(ref.document) else INVALID
+        return OK if _document_ok(ref.document) and _budget_ok(ref) else INVALID
     if ref.adapter_id == known.too_wide and applied:
         return grpc.StatusCode.FAILED_PRECONDITION
     return OK if ref.adapter_id in known else NOT_FOUND
@@ -602,9 +616,10 @@ def test_fuzz_worker_generate(servers: Servers, known: Known) -> None:
         if events is None:
             return
         kinds = [event.WhichOneof("event") for event in events]
-        assert kinds[0] == "started" and kinds[-1] == "done" and set(kinds[1:-1]) <= {"token"}, kinds
-        assert events[-1].done.tokens <= (request.max_new_tokens or MAX_NEW)
-        assert bool(events[0].started.adapter_id) == (ref is not None and ref.WhichOneof("source") is not None)
+        first = kinds.index("started")  # a document internalized for this call sends its progress before
+        assert set(kinds[:first]) <= {"progress"} and set(kinds[first + 1 : -1]) <= {"token"}, kinds
+        assert kinds[-1] == "done" and events[-1].done.tokens <= (request.max_new_tokens or MAX_NEW)
+        assert bool(events[first].started.adapter_id) == (ref is not None and ref.WhichOneof("source") is not None)
 
     batch()
     servers.assert_serving()
@@ -825,9 +840,9 @@ def test_messages_over_the_receive_limit_are_resource_exhausted_on_every_rpc(ser
     internalize = "Coordinator.InternalizeDocument"
     stub = servers.coordinator_stub
     pieces = [pb.DocumentChunk(data=b"a" * 100) for _ in range(DOC_LIMIT // 100 + 1)]
-    code, _, _ = attempt(internalize, lambda: stub.InternalizeDocument(iter(pieces), timeout=TIMEOUT))
+    code, _, _ = attempt(internalize, lambda: list(stub.InternalizeDocument(iter(pieces), timeout=TIMEOUT)))
     assert code == INVALID
-    code, _, _ = attempt(internalize, lambda: stub.InternalizeDocument(iter(pieces[:-1]), timeout=TIMEOUT))
+    code, _, _ = attempt(internalize, lambda: list(stub.InternalizeDocument(iter(pieces[:-1]), timeout=TIMEOUT)))
     assert code == OK  # under the limit
     # Through the worker: a document over the coordinator's limit comes back as its INVALID_ARGUMENT; one over the
     # worker's own receive limit never gets in.
@@ -851,8 +866,10 @@ def test_expired_deadlines_are_deadline_exceeded_and_the_servers_keep_serving(se
         "Coordinator.GenerateFromDescription": lambda t: coordinator.GenerateFromDescription(
             pb.GenerateFromDescriptionRequest(description=f"Count to {next(fresh)}."), timeout=t
         ),
-        "Coordinator.InternalizeDocument": lambda t: coordinator.InternalizeDocument(
-            iter([pb.DocumentChunk(data=f"The code of vault {next(fresh)} is 4711.".encode())]), timeout=t
+        "Coordinator.InternalizeDocument": lambda t: list(
+            coordinator.InternalizeDocument(
+                iter([pb.DocumentChunk(data=f"The code of vault {next(fresh)} is 4711.".encode())]), timeout=t
+            )
         ),
         "Coordinator.FetchAdapter": lambda t: list(
             coordinator.FetchAdapter(pb.FetchAdapterRequest(adapter_id=adapter_id), timeout=t)

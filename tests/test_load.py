@@ -79,11 +79,13 @@ def _env(log_dir: Path) -> dict[str, str]:
 def launch_coordinator(
     log_dir: Path, name: str, *, cache_dir: Path, base_dir: Path, t2l: Path, d2l: Path, listen: str = "127.0.0.1:0"
 ) -> ServerProcess:
-    """A coordinator on the tiny Llama with Text-to-LoRA and Doc-to-LoRA; `ready` waits for it."""
+    """A coordinator on the tiny Llama with Text-to-LoRA and Doc-to-LoRA (a document gets the one pass: load, not
+    distillation, is the point here); `ready` waits for it."""
     argv = coordinator_argv(
         listen=listen, metrics_port=0, cache_dir=str(cache_dir), base=str(base_dir), checkpoint=str(t2l)
     )
-    return ServerProcess.loracast(name, [*argv, "--d2l-checkpoint", str(d2l)], log_dir, _env(log_dir))
+    argv += ["--d2l-checkpoint", str(d2l), "--budget-seconds", "0"]
+    return ServerProcess.loracast(name, argv, log_dir, _env(log_dir))
 
 
 def worker_command(

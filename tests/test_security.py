@@ -125,6 +125,7 @@ def secured(
         metrics_port=None,
         d2l_checkpoint=tiny_d2l,
         base=str(tiny_base_dir),
+        budget_seconds=0.0,  # who may call is the point here: a document's one pass is enough
         security=ServerSecurity(**tls, tokens=frozenset({COORDINATOR_TOKEN})),
     )
     running_coordinator = start_coordinator(coordinator_config, recorder)
@@ -161,8 +162,8 @@ def rpcs(channel: grpc.Channel, server: str, adapter_id: str = "0" * 64) -> dict
             "GenerateFromDescription": lambda **kw: stub.GenerateFromDescription(
                 pb.GenerateFromDescriptionRequest(description=TASK), timeout=TIMEOUT, **kw
             ),
-            "InternalizeDocument": lambda **kw: stub.InternalizeDocument(
-                iter([pb.DocumentChunk(data=DOCUMENT)]), timeout=TIMEOUT, **kw
+            "InternalizeDocument": lambda **kw: list(
+                stub.InternalizeDocument(iter([pb.DocumentChunk(data=DOCUMENT)]), timeout=TIMEOUT, **kw)
             ),
             "FetchAdapter": lambda **kw: list(
                 stub.FetchAdapter(pb.FetchAdapterRequest(adapter_id=adapter_id), timeout=TIMEOUT, **kw)
@@ -236,7 +237,7 @@ def test_every_rpc_refuses_plaintext_untrusted_and_unauthenticated_clients(secur
     with open_channel(secured.target("Coordinator"), secured.tls(COORDINATOR_TOKEN)) as channel:
         calls = rpcs(channel, "Coordinator")
         made = calls["GenerateFromDescription"]().manifest.adapter_id
-        assert calls["InternalizeDocument"]().manifest.provenance["loracast.document_sha256"] == (
+        assert calls["InternalizeDocument"]()[-1].result.manifest.provenance["loracast.document_sha256"] == (
             hashlib.sha256(DOCUMENT).hexdigest()
         )
         assert rpcs(channel, "Coordinator", made)["FetchAdapter"]()[0].manifest.adapter_id == made
@@ -525,6 +526,7 @@ def test_documents_never_reach_disk_or_logs(
         d2l_checkpoint=tiny_d2l,
         base=str(tiny_base_dir),
         max_document_bytes=4096,
+        budget_seconds=1.0,  # distilled: the probes and the teacher's answers are made from the documents too
     )
     audit, messages, pages = FileAudit(), [], {}
     with audit.recording() as touched:
@@ -550,14 +552,16 @@ def test_documents_never_reach_disk_or_logs(
                     prompt="What is the vault code?", adapter=pb.AdapterRef(document=documents[0])
                 )
                 events = list(worker_stub.Generate(request, timeout=TIMEOUT))
-                ids = [events[0].started.adapter_id]
+                assert events[0].progress.phase == "start"
+                ids = [next(e.started.adapter_id for e in events if e.HasField("started"))]
                 ids += worker_stub.Prefetch(
                     pb.PrefetchRequest(adapters=[pb.AdapterRef(document=documents[1])]), timeout=TIMEOUT
                 ).adapter_ids
                 cut = documents[2].index(marker.encode()) + 5  # the marker split across two chunks
                 chunks = [pb.DocumentChunk(data=documents[2][:cut]), pb.DocumentChunk(data=documents[2][cut:])]
-                reply = coordinator_stub.InternalizeDocument(iter(chunks), timeout=TIMEOUT)
-                assert not reply.cached
+                *progress, last = coordinator_stub.InternalizeDocument(iter(chunks), timeout=TIMEOUT)
+                reply = last.result
+                assert not reply.cached and progress[-1].progress.phase == "done"
                 # Each document went through the hypernetwork: the adapters carry the documents' SHA-256.
                 made = [read_installed(worker_cache, i, running_worker.servicer.decoder.fingerprint) for i in ids]
                 assert [m.manifest.provenance["loracast.document_sha256"] for m in made] == [
@@ -568,11 +572,11 @@ def test_documents_never_reach_disk_or_logs(
                 broken = documents[0] + b"\xff"
                 too_long = documents[0] * 100
                 for call in (
-                    lambda: coordinator_stub.InternalizeDocument(
-                        iter([pb.DocumentChunk(data=broken)]), timeout=TIMEOUT
+                    lambda: list(
+                        coordinator_stub.InternalizeDocument(iter([pb.DocumentChunk(data=broken)]), timeout=TIMEOUT)
                     ),
-                    lambda: coordinator_stub.InternalizeDocument(
-                        iter([pb.DocumentChunk(data=too_long)]), timeout=TIMEOUT
+                    lambda: list(
+                        coordinator_stub.InternalizeDocument(iter([pb.DocumentChunk(data=too_long)]), timeout=TIMEOUT)
                     ),
                     lambda: list(
                         worker_stub.Generate(

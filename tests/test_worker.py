@@ -142,14 +142,17 @@ def wires(tiny_base_dir: Path, fingerprint: str) -> dict[str, adapter_wire.WireA
 
 class ScriptedCoordinator(pb_grpc.CoordinatorServicer):
     """Serves fixed adapters; `faults` are consumed one per FetchAdapter call: None, ('cut', n) (UNAVAILABLE after
-    n bytes) or 'flip' (one corrupt byte). `gate`, when set, holds GenerateFromDescription until released."""
+    n bytes) or 'flip' (one corrupt byte). `gate`, when set, holds GenerateFromDescription until released, and
+    InternalizeDocument after its first progress event until released or its caller goes away."""
 
     def __init__(self) -> None:
         self.adapters: dict[str, adapter_wire.WireAdapter] = {}
         self.by_text: dict[bytes, str] = {}
         self.fetches: list[pb.FetchAdapterRequest] = []
         self.described: list[str] = []
-        self.documents: list[tuple[int, int]] = []  # (chunks, dtype of the first chunk) per InternalizeDocument
+        # (chunks, the first chunk's dtype and budget) per InternalizeDocument
+        self.documents: list[tuple[int, int, float | None]] = []
+        self.abandoned = threading.Event()  # an InternalizeDocument caller went away while it was held
         self.faults: list = []
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
@@ -181,8 +184,17 @@ class ScriptedCoordinator(pb_grpc.CoordinatorServicer):
 
     def InternalizeDocument(self, request_iterator, context):
         chunks = list(request_iterator)
-        self.documents.append((len(chunks), chunks[0].dtype))
-        return self._answer(b"".join(c.data for c in chunks), context)
+        budget = chunks[0].budget_seconds if chunks[0].HasField("budget_seconds") else None
+        self.documents.append((len(chunks), chunks[0].dtype, budget))
+        yield pb.InternalizeEvent(progress=pb.InternalizeProgress(phase="start", estimate_seconds=budget or 0.0))
+        if self.gate is not None:
+            self.entered.set()
+            while not self.gate.wait(0.01):
+                if not context.is_active():
+                    self.abandoned.set()
+                    return
+        yield pb.InternalizeEvent(progress=pb.InternalizeProgress(phase="done"))
+        yield pb.InternalizeEvent(result=self._answer(b"".join(c.data for c in chunks), context))
 
     def FetchAdapter(self, request, context):
         self.fetches.append(request)
@@ -243,15 +255,25 @@ def connect():
         channel.close()
 
 
-def ask(stub: pb_grpc.WorkerStub, ref: pb.AdapterRef | None = None, prompt: str = PROMPT, **fields):
-    """One Generate call: (Started, the streamed text, Done); checks the order of the events."""
+def ask(
+    stub: pb_grpc.WorkerStub,
+    ref: pb.AdapterRef | None = None,
+    prompt: str = PROMPT,
+    progress: list[pb.InternalizeProgress] | None = None,
+    **fields,
+):
+    """One Generate call: (Started, the streamed text, Done); checks the order of the events. A document's progress
+    events, which come first, go to `progress`."""
     request = pb.GenerateRequest(prompt=prompt, max_new_tokens=fields.pop("max_new_tokens", NEW_TOKENS), **fields)
     if ref is not None:
         request.adapter.CopyFrom(ref)
     events = list(stub.Generate(request, timeout=WAIT))
     kinds = [e.WhichOneof("event") for e in events]
-    assert kinds[0] == "started" and kinds[-1] == "done" and set(kinds[1:-1]) <= {"token"}, kinds
-    return events[0].started, "".join(e.token.text for e in events[1:-1]), events[-1].done
+    first = kinds.index("started")
+    assert set(kinds[:first]) <= {"progress"} and kinds[-1] == "done" and set(kinds[first + 1 : -1]) <= {"token"}, kinds
+    if progress is not None:
+        progress.extend(e.progress for e in events[:first])
+    return events[first].started, "".join(e.token.text for e in events[first + 1 : -1]), events[-1].done
 
 
 def refused(call, *args, **kwargs) -> grpc.RpcError:
@@ -332,6 +354,7 @@ def _real_coordinator(
         t2l_checkpoint=tiny_t2l,
         d2l_checkpoint=d2l,
         base=str(tiny_base_dir),
+        budget_seconds=0.0,  # the one pass by default: a request names a budget to be distilled
     )
     running = start_coordinator(config)
     yield f"127.0.0.1:{running.port}"
@@ -371,6 +394,22 @@ def test_a_task_end_to_end_through_the_real_coordinator(real_coordinator, start_
     request = pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(document=b"The office opens at 8."))
     error = refused(stub.Generate, request, timeout=WAIT)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and error.details().startswith("coordinator: ")
+
+
+def test_a_document_distilled_by_the_real_coordinator_streams_its_progress_before_the_answer(
+    d2l_coordinator, start_worker, connect
+):
+    document = b"Brelna Dostik was born in Kravolo in 1961. She keeps a heron called Mibbin."
+    stub = connect(start_worker(coordinator=d2l_coordinator))
+    progress: list[pb.InternalizeProgress] = []
+    started, text, done = ask(stub, pb.AdapterRef(document=document, budget_seconds=1.0), progress=progress)
+    assert not started.resident and text and done.tokens == NEW_TOKENS
+    order = [p.phase for i, p in enumerate(progress) if i == 0 or p.phase != progress[i - 1].phase]
+    assert order[:3] == ["start", "probes", "teacher"] and order[-1] == "done" and len(set(order)) == len(order)
+    assert progress[0].estimate_seconds == 1.0 and progress[-1].elapsed_seconds >= progress[0].elapsed_seconds
+    progress.clear()
+    again, _, _ = ask(stub, pb.AdapterRef(document=document, budget_seconds=1.0), progress=progress)
+    assert (again.adapter_id, again.resident, progress) == (started.adapter_id, True, [])
 
 
 def test_a_document_through_the_real_doc_to_lora_is_hot_swapped_and_matches_pytorch(
@@ -506,10 +545,51 @@ def test_documents_are_forwarded_in_chunks_and_never_stored(coordinator, start_w
     stub = connect(start_worker(coordinator=target))
     started, _, _ = ask(stub, pb.AdapterRef(document=document))
     assert started.adapter_id == adapter_id
-    assert script.documents == [(3, pb.FLOAT16)]
+    assert script.documents == [(3, pb.FLOAT16, None)]
     assert ask(stub, pb.AdapterRef(document=document))[0].resident and len(script.documents) == 1
     for path in (tmp_path / "cache").rglob("*"):
         assert not path.is_file() or b"office opens" not in path.read_bytes(), path
+
+
+def test_a_documents_budget_goes_to_the_coordinator_and_its_progress_comes_back_first(
+    coordinator, start_worker, connect, wires
+):
+    script, target, _ = coordinator
+    document = b"The office opens at 8:00."
+    adapter_id = script.add(wires["a"], document)
+    stub = connect(start_worker(coordinator=target))
+    progress: list[pb.InternalizeProgress] = []
+    started, _, _ = ask(stub, pb.AdapterRef(document=document, budget_seconds=2.5), progress=progress)
+    assert started.adapter_id == adapter_id and [p.phase for p in progress] == ["start", "done"]
+    assert progress[0].estimate_seconds == 2.5
+    assert script.documents == [(1, pb.FLOAT16, 2.5)]
+    # Each budget is its own adapter: another one (or none, the coordinator's default) asks the coordinator again.
+    progress.clear()
+    assert ask(stub, pb.AdapterRef(document=document, budget_seconds=2.5), progress=progress)[0].resident
+    assert progress == []
+    ask(stub, pb.AdapterRef(document=document))
+    ask(stub, pb.AdapterRef(document=document, budget_seconds=0.0))
+    assert script.documents == [(1, pb.FLOAT16, 2.5), (1, pb.FLOAT16, None), (1, pb.FLOAT16, 0.0)]
+    prefetch = pb.PrefetchRequest(adapters=[pb.AdapterRef(document=document, budget_seconds=9.0)])
+    assert list(stub.Prefetch(prefetch, timeout=WAIT).adapter_ids) == [adapter_id]
+    assert script.documents[-1] == (1, pb.FLOAT16, 9.0)
+
+    for ref in (pb.AdapterRef(task=TASK, budget_seconds=1.0), pb.AdapterRef(adapter_id=adapter_id, budget_seconds=1.0)):
+        error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=ref), timeout=WAIT)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "for a document" in error.details()
+
+
+def test_a_caller_that_goes_away_cancels_the_coordinators_internalization(coordinator, start_worker, connect, wires):
+    script, target, _ = coordinator
+    document = b"The office opens at 8:00."
+    script.add(wires["a"], document)
+    script.gate = threading.Event()
+    stub = connect(start_worker(coordinator=target))
+    call = stub.Generate(pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(document=document)), timeout=WAIT)
+    assert next(call).progress.phase == "start"  # forwarded while the coordinator still works
+    assert script.entered.wait(WAIT)
+    call.cancel()
+    assert script.abandoned.wait(WAIT)
 
 
 def test_prefetch_installs_in_request_order_and_stops_at_the_first_failure(

@@ -4,11 +4,13 @@ The serving path imports no torch: ONNX Runtime, numpy, tokenizers and grpcio (t
 `worker.model_cache` is the only place torch is used, and only when no exported model is cached).
 
 How a request's adapter is found (`AdapterRef`):
-- task / document: a local index (the text's SHA-256 -> the adapter id the coordinator answered before) finds a
-  resident adapter with no network call, so those keep working while the coordinator is down; otherwise the
-  coordinator generates (or has cached) it and the worker fetches it. An indexed answer is not re-checked with the
-  coordinator (that would cost a round trip per request): an adapter from a retrained hypernetwork replaces it
-  once the old one is evicted.
+- task / document: a local index (the text's SHA-256, and a document's budget -> the adapter id the coordinator
+  answered before) finds a resident adapter with no network call, so those keep working while the coordinator is
+  down; otherwise the coordinator generates (or has cached) it and the worker fetches it. An indexed answer is not
+  re-checked with the coordinator (that would cost a round trip per request): an adapter from a retrained
+  hypernetwork, or from a changed default budget, replaces it once the old one is evicted.
+- A document the coordinator internalizes streams its progress to the caller before `started`; a caller that goes
+  away cancels the coordinator call, and with it the internalization if nobody else waits for it.
 - adapter_id: resident, else fetched from the coordinator.
 Concurrent generations share one `OnnxDecoder`: hot-swap sets the adapter and starts decoding under one lock
 (a generation keeps the adapter it started with), merged sessions are kept in a small LRU. An adapter the graph
@@ -23,7 +25,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -42,6 +44,7 @@ from loracast.grpc_common import (
     check_listen,
     create_server,
     open_channel,
+    returned,
     serve,
 )
 from loracast.paths import DEFAULT_BASE
@@ -75,7 +78,9 @@ class WorkerConfig:
     dtype: int = pb.FLOAT16  # of the adapters fetched
     intra_op_threads: int = 0  # ONNX Runtime threads per run; 0: one per physical core
     int8_activations: bool = False  # opt-in, lossy: 4-bit linears with int8 activations (see worker.onnx_session)
-    coordinator_timeout: float = 120.0  # seconds, for one coordinator call (generation or transfer)
+    # Seconds for one coordinator call (generation or transfer), beyond the budget a document names: a document
+    # without one has the coordinator's default budget to fit in this time.
+    coordinator_timeout: float = 120.0
     security: ServerSecurity = field(default_factory=ServerSecurity)
 
 
@@ -85,6 +90,23 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
 
 def _text_key(kind: str, data: bytes) -> str:
     return f"{kind}:{hashlib.sha256(data).hexdigest()}"
+
+
+def _document_key(ref: pb.AdapterRef) -> str:
+    """Each budget is its own adapter; with none, the coordinator's default (whatever it is) is."""
+    budget = repr(ref.budget_seconds) if ref.HasField("budget_seconds") else "default"
+    return _text_key(f"document@{budget}", ref.document)
+
+
+def _document_chunks(ref: pb.AdapterRef, dtype: int) -> Iterator[pb.DocumentChunk]:
+    """The document in DocumentChunks, the request's settings in the first (the only one the coordinator reads)."""
+    for offset in range(0, len(ref.document), DOCUMENT_CHUNK):
+        chunk = pb.DocumentChunk(data=ref.document[offset : offset + DOCUMENT_CHUNK])
+        if offset == 0:
+            chunk.dtype = dtype
+            if ref.HasField("budget_seconds"):
+                chunk.budget_seconds = ref.budget_seconds
+        yield chunk
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
@@ -134,7 +156,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "an adapter reference with nothing set")
                 self._check_ref(ref)
             return pb.PrefetchResponse(
-                adapter_ids=[self._resolve(ref, context)[0].manifest.adapter_id for ref in request.adapters]
+                adapter_ids=[returned(self._resolve(ref, context))[0].manifest.adapter_id for ref in request.adapters]
             )
         except Exception as exc:
             _abort(context, exc)
@@ -147,6 +169,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the task description is empty: describe the task")
         if kind == "document" and not ref.document:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the document is empty")
+        if kind != "document" and ref.HasField("budget_seconds"):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, "budget_seconds is for a document: leave it unset for a task or id"
+            )
         if kind == "adapter_id":
             try:
                 adapter_wire.check_adapter_id(ref.adapter_id)
@@ -179,7 +205,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             )
         try:
             ref = request.adapter if request.HasField("adapter") and request.adapter.WhichOneof("source") else None
-            resident, fetch_seconds = self._resolve(ref, context) if ref is not None else (None, 0.0)
+            resident, fetch_seconds = (yield from self._resolve(ref, context)) if ref is not None else (None, 0.0)
             prompt = self.tokenizer.encode_chat(request.prompt)
             applied = time.perf_counter()
             mode = self._mode(resident, MODES[request.mode])
@@ -260,36 +286,36 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     # -- adapters from the coordinator ------------------------------------------------------------------------
 
-    def _resolve(self, ref: pb.AdapterRef, context: grpc.ServicerContext) -> tuple[Resident, float]:
-        """The adapter a reference names, installed; and the seconds spent getting it (0 when resident)."""
+    def _resolve(
+        self, ref: pb.AdapterRef, context: grpc.ServicerContext
+    ) -> Generator[pb.GenerateEvent, None, tuple[Resident, float]]:
+        """The adapter a reference names, installed, and the seconds spent getting it (0 when resident); yields
+        the progress of a document's internalization on the way."""
         start = time.perf_counter()
         kind = ref.WhichOneof("source")
         source = self._source(context)
         try:
             if kind == "adapter_id":
                 resident = self.store.ensure(ref.adapter_id, source)
-            elif kind == "task":
-                key = _text_key("description", ref.task.strip().encode())
-                resident = self._from_text(key, source, lambda: self._describe(ref.task, context))
             else:
-                key = _text_key("document", ref.document)
-                resident = self._from_text(key, source, lambda: self._internalize(ref.document, context))
+                # A task or document: the adapter an earlier answer gave if it is resident, else the coordinator's.
+                key = _text_key("description", ref.task.strip().encode()) if kind == "task" else _document_key(ref)
+                adapter_id = self.store.recall(key)
+                if adapter_id is not None:
+                    resident = self.store.ensure(adapter_id, source)
+                else:
+                    if kind == "task":
+                        manifest = self._describe(ref.task, context)
+                    else:
+                        manifest = yield from self._internalize(ref, context)
+                    resident = self.store.ensure(manifest.adapter_id, source, manifest)
+                    self.store.remember(key, manifest.adapter_id)
         except grpc.RpcError as exc:
             raise self._coordinator_error(exc, context, ref) from None
         return resident, 0.0 if resident.was_resident else time.perf_counter() - start
 
-    def _from_text(self, key: str, source: ChunkSource | None, ask: Callable[[], pb.AdapterManifest]) -> Resident:
-        """The adapter for a task or document: the one an earlier answer gave if it is resident, else ask."""
-        adapter_id = self.store.recall(key)
-        if adapter_id is not None:
-            return self.store.ensure(adapter_id, source)
-        manifest = ask()
-        resident = self.store.ensure(manifest.adapter_id, source, manifest)
-        self.store.remember(key, manifest.adapter_id)
-        return resident
-
-    def _timeout(self, context: grpc.ServicerContext) -> float:
-        return min(context.time_remaining(), self.config.coordinator_timeout)
+    def _timeout(self, context: grpc.ServicerContext, budget_s: float = 0.0) -> float:
+        return min(context.time_remaining(), self.config.coordinator_timeout + budget_s)
 
     def _source(self, context: grpc.ServicerContext) -> ChunkSource | None:
         if self._coordinator is None:
@@ -311,32 +337,32 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def _describe(self, task: str, context: grpc.ServicerContext) -> pb.AdapterManifest:
         request = pb.GenerateFromDescriptionRequest(description=task, dtype=self.config.dtype)
-        return self._generation(self._require_coordinator().GenerateFromDescription, request, context)
-
-    def _internalize(self, document: bytes, context: grpc.ServicerContext) -> pb.AdapterManifest:
-        """Forward the document in chunks; it stays in memory (never on disk or in a log)."""
-        stub = self._require_coordinator()
-        chunks = (
-            pb.DocumentChunk(data=document[i : i + DOCUMENT_CHUNK], dtype=self.config.dtype if i == 0 else 0)
-            for i in range(0, len(document), DOCUMENT_CHUNK)
-        )
-        return self._generation(stub.InternalizeDocument, chunks, context)
-
-    def _generation(
-        self, call: Callable[..., pb.GenerateResponse], request: object, context: grpc.ServicerContext
-    ) -> pb.AdapterManifest:
-        """The manifest a coordinator generation RPC answers `request` with."""
-        timeout = self._timeout(context)
-        start = time.perf_counter()
+        timeout, start = self._timeout(context), time.perf_counter()
         try:
-            return call(request, timeout=timeout).manifest
+            return self._require_coordinator().GenerateFromDescription(request, timeout=timeout).manifest
         except grpc.RpcError as exc:
-            # Before this call's own deadline, DEADLINE_EXCEEDED is the coordinator's refusal of a generation that
-            # the time left is too short for, and its message says how much to allow: no sign of a coordinator
-            # that cannot be reached.
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.perf_counter() - start < timeout:
-                raise RequestError(exc.code(), f"coordinator: {exc.details()}") from None
-            raise
+            raise _refusal_or(exc, time.perf_counter() - start, timeout) from None
+
+    def _internalize(
+        self, ref: pb.AdapterRef, context: grpc.ServicerContext
+    ) -> Generator[pb.GenerateEvent, None, pb.AdapterManifest]:
+        """Forward the document in chunks (it stays in memory, never on disk or in a log) and its progress back."""
+        stub = self._require_coordinator()
+        timeout, start = self._timeout(context, ref.budget_seconds), time.perf_counter()
+        call = stub.InternalizeDocument(_document_chunks(ref, self.config.dtype), timeout=timeout)
+        # Our caller going away ends the coordinator call too, which cancels a job nobody else waits for.
+        if not context.add_callback(call.cancel):
+            call.cancel()
+        try:
+            for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "result":
+                    return event.result.manifest
+                if kind == "progress":  # an event added to the contract later is skipped
+                    yield pb.GenerateEvent(progress=event.progress)
+        except grpc.RpcError as exc:
+            raise _refusal_or(exc, time.perf_counter() - start, timeout) from None
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, "the coordinator ended the document stream without its adapter")
 
     def _coordinator_error(self, exc: grpc.RpcError, context: grpc.ServicerContext, ref: pb.AdapterRef) -> RequestError:
         """The worker's documented status for a failed coordinator call."""
@@ -360,6 +386,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             f"the adapter is not resident and the coordinator at {self.config.coordinator} cannot be reached "
             f"({code.name}: {details})",
         )
+
+
+def _refusal_or(exc: grpc.RpcError, elapsed: float, timeout: float) -> grpc.RpcError | RequestError:
+    """What a failed coordinator generation call stands for. Before the call's own deadline, DEADLINE_EXCEEDED is
+    the coordinator's refusal of a generation the time left is too short for, and its message says how much to
+    allow: no sign of a coordinator that cannot be reached."""
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < timeout:
+        return RequestError(exc.code(), f"coordinator: {exc.details()}")
+    return exc
 
 
 @dataclass

@@ -99,12 +99,36 @@ class GenerateFromDescriptionRequest(_message.Message):
     def __init__(self, description: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class DocumentChunk(_message.Message):
-    __slots__ = ("data", "dtype")
+    __slots__ = ("data", "dtype", "budget_seconds")
     DATA_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     dtype: DType
-    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    budget_seconds: float
+    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., budget_seconds: _Optional[float] = ...) -> None: ...
+
+class InternalizeProgress(_message.Message):
+    __slots__ = ("phase", "step", "probe_loss", "elapsed_seconds", "estimate_seconds")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PROBE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    step: int
+    probe_loss: float
+    elapsed_seconds: float
+    estimate_seconds: float
+    def __init__(self, phase: _Optional[str] = ..., step: _Optional[int] = ..., probe_loss: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., estimate_seconds: _Optional[float] = ...) -> None: ...
+
+class InternalizeEvent(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: InternalizeProgress
+    result: GenerateResponse
+    def __init__(self, progress: _Optional[_Union[InternalizeProgress, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("manifest", "cached", "generation_seconds")
@@ -185,14 +209,16 @@ class DescribeResponse(_message.Message):
     def __init__(self, base_fingerprint: _Optional[str] = ..., base_name: _Optional[str] = ..., hypernetworks: _Optional[_Iterable[_Union[Hypernetwork, _Mapping]]] = ...) -> None: ...
 
 class AdapterRef(_message.Message):
-    __slots__ = ("task", "document", "adapter_id")
+    __slots__ = ("task", "document", "adapter_id", "budget_seconds")
     TASK_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     task: str
     document: bytes
     adapter_id: str
-    def __init__(self, task: _Optional[str] = ..., document: _Optional[bytes] = ..., adapter_id: _Optional[str] = ...) -> None: ...
+    budget_seconds: float
+    def __init__(self, task: _Optional[str] = ..., document: _Optional[bytes] = ..., adapter_id: _Optional[str] = ..., budget_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("adapter", "prompt", "max_new_tokens", "mode")
@@ -219,7 +245,7 @@ class Timings(_message.Message):
     def __init__(self, adapter_fetch_seconds: _Optional[float] = ..., apply_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("started", "token", "done")
+    __slots__ = ("started", "token", "done", "progress")
     class Started(_message.Message):
         __slots__ = ("adapter_id", "resident")
         ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -242,10 +268,12 @@ class GenerateEvent(_message.Message):
     STARTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     started: GenerateEvent.Started
     token: GenerateEvent.Token
     done: GenerateEvent.Done
-    def __init__(self, started: _Optional[_Union[GenerateEvent.Started, _Mapping]] = ..., token: _Optional[_Union[GenerateEvent.Token, _Mapping]] = ..., done: _Optional[_Union[GenerateEvent.Done, _Mapping]] = ...) -> None: ...
+    progress: InternalizeProgress
+    def __init__(self, started: _Optional[_Union[GenerateEvent.Started, _Mapping]] = ..., token: _Optional[_Union[GenerateEvent.Token, _Mapping]] = ..., done: _Optional[_Union[GenerateEvent.Done, _Mapping]] = ..., progress: _Optional[_Union[InternalizeProgress, _Mapping]] = ...) -> None: ...
 
 class ResidentAdapter(_message.Message):
     __slots__ = ("adapter_id", "size_bytes", "hypernet_version")

@@ -43,10 +43,10 @@ class CoordinatorStub:
                 request_serializer=loracast_dot_v1_dot_loracast__pb2.GenerateFromDescriptionRequest.SerializeToString,
                 response_deserializer=loracast_dot_v1_dot_loracast__pb2.GenerateResponse.FromString,
                 _registered_method=True)
-        self.InternalizeDocument = channel.stream_unary(
+        self.InternalizeDocument = channel.stream_stream(
                 '/loracast.v1.Coordinator/InternalizeDocument',
                 request_serializer=loracast_dot_v1_dot_loracast__pb2.DocumentChunk.SerializeToString,
-                response_deserializer=loracast_dot_v1_dot_loracast__pb2.GenerateResponse.FromString,
+                response_deserializer=loracast_dot_v1_dot_loracast__pb2.InternalizeEvent.FromString,
                 _registered_method=True)
         self.FetchAdapter = channel.unary_stream(
                 '/loracast.v1.Coordinator/FetchAdapter',
@@ -84,10 +84,21 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InternalizeDocument(self, request_iterator, context):
-        """A document, sent as a stream of UTF-8 chunks, becomes an adapter that holds its facts. The document is held
-        in memory only: never written to disk or logs.
-        Errors: INVALID_ARGUMENT empty document, bytes that are not UTF-8, or a document over the size limit;
-        RESOURCE_EXHAUSTED as above; FAILED_PRECONDITION (or UNIMPLEMENTED) no Doc-to-LoRA hypernetwork.
+        """A document, sent as a stream of UTF-8 chunks, becomes an adapter that holds its facts: the hypernetwork's one
+        pass, then test-time self-distillation of the document into it for the budget the first chunk names. The
+        answer streams `progress` events while the job runs, then the `result` as the last message. The adapter is
+        cached per (document, budget): asked again, the result alone comes back at once (cached = true), and
+        callers asking for the same (document, budget) while it runs share one job (they see its progress from its
+        start). A caller that goes away (cancels, or its deadline passes) cancels the job once no other caller
+        waits for it; a cancelled job leaves no adapter. The document, its probes and the teacher's answers are
+        held in memory only: never written to disk or logs.
+        Errors: INVALID_ARGUMENT empty document, bytes that are not UTF-8, a document over the size limit, or a budget
+        below 0 or over the coordinator's maximum (the message gives the range);
+        RESOURCE_EXHAUSTED too many generations in flight, or another document is being internalized (one at
+        a time; `retry-after-ms` says when it should end);
+        DEADLINE_EXCEEDED the deadline leaves less than the budget plus this coordinator's usual overrun (the
+        message says how much to allow), or it passed while the job ran (the job is cancelled);
+        FAILED_PRECONDITION (or UNIMPLEMENTED) no Doc-to-LoRA hypernetwork.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,10 +140,10 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=loracast_dot_v1_dot_loracast__pb2.GenerateFromDescriptionRequest.FromString,
                     response_serializer=loracast_dot_v1_dot_loracast__pb2.GenerateResponse.SerializeToString,
             ),
-            'InternalizeDocument': grpc.stream_unary_rpc_method_handler(
+            'InternalizeDocument': grpc.stream_stream_rpc_method_handler(
                     servicer.InternalizeDocument,
                     request_deserializer=loracast_dot_v1_dot_loracast__pb2.DocumentChunk.FromString,
-                    response_serializer=loracast_dot_v1_dot_loracast__pb2.GenerateResponse.SerializeToString,
+                    response_serializer=loracast_dot_v1_dot_loracast__pb2.InternalizeEvent.SerializeToString,
             ),
             'FetchAdapter': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchAdapter,
@@ -202,12 +213,12 @@ class Coordinator:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/loracast.v1.Coordinator/InternalizeDocument',
             loracast_dot_v1_dot_loracast__pb2.DocumentChunk.SerializeToString,
-            loracast_dot_v1_dot_loracast__pb2.GenerateResponse.FromString,
+            loracast_dot_v1_dot_loracast__pb2.InternalizeEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -339,8 +350,11 @@ class WorkerServicer:
 
     def Generate(self, request, context):
         """Greedy generation, streamed: a `started` message once the adapter is applied, `token` messages as text
-        arrives, a `done` message with timings. With no adapter chosen, the plain base model answers.
-        Errors: INVALID_ARGUMENT empty prompt, empty task or document, max_new_tokens over the limit;
+        arrives, a `done` message with timings. With no adapter chosen, the plain base model answers. A document the
+        coordinator internalizes for this call sends `progress` messages before `started`; cancelling the call
+        cancels that internalization (unless another caller waits for it).
+        Errors: INVALID_ARGUMENT empty prompt, empty task or document, max_new_tokens over the limit, budget_seconds
+        on a reference that is not a document, or a budget the coordinator refuses;
         NOT_FOUND adapter_id neither resident nor known to the coordinator;
         FAILED_PRECONDITION the adapter was made for another base model, or fails its SHA-256 or id check;
         DEADLINE_EXCEEDED also when the coordinator refuses a generation the deadline leaves too little time
