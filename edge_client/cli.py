@@ -68,7 +68,6 @@ def cmd_ask(args: argparse.Namespace) -> None:
     options = {
         "task": args.task,
         "document": _read(args.doc, "--doc") if args.doc is not None else None,
-        "adapter_id": args.adapter,
         "budget_seconds": args.budget_seconds,
         "mode": args.mode,
         "max_new_tokens": args.max_new_tokens,
@@ -81,6 +80,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
     try:
         with EdgeClient(args.worker, _security(args)) as client, bar:
+            options["adapter_id"] = client.resolve_adapter_id(args.adapter) if args.adapter is not None else None
             if args.json:
                 answer = client.ask(args.question, **options, on_progress=show)
                 result = {
@@ -118,7 +118,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", metavar="TEXT", help="a task description: its adapter is generated or cached")
     source.add_argument("--doc", metavar="FILE", help="a UTF-8 document: its facts become an adapter (not stored)")
-    source.add_argument("--adapter", metavar="ID", help="an adapter already known by id")
+    source.add_argument(
+        "--adapter",
+        metavar="ID",
+        help="an adapter already known by id: all 64 hex digits, or a prefix (4 or more) of one resident on the worker",
+    )
     p.add_argument(
         "--mode",
         choices=["hot-swap", "merged"],

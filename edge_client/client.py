@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from loracast import adapter_ids
 from loracast.errors import UserError
 from loracast.grpc_common import RETRY_AFTER_MS, ClientSecurity, open_channel
 from loracast.v1 import loracast_pb2 as pb
@@ -27,6 +28,7 @@ from loracast.v1 import loracast_pb2_grpc as pb_grpc
 
 MODES = {"hot-swap": pb.HOT_SWAP, "merged": pb.MERGED}
 DEFAULT_TIMEOUT = 300.0  # an adapter generated on a CPU coordinator, transferred and applied, then decoded
+LIST_TIMEOUT = 30.0  # ListAdapters reads the worker's index: no generation, no transfer
 
 
 class EdgeError(UserError):
@@ -128,6 +130,7 @@ class EdgeClient:
     """A connection to one worker (HOST:PORT). Close it, or use it as a context manager."""
 
     def __init__(self, target: str, security: ClientSecurity | None = None) -> None:
+        self._target = target
         self._channel = open_channel(target, security)
         self._stub = pb_grpc.WorkerStub(self._channel)
 
@@ -139,6 +142,25 @@ class EdgeClient:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+    def resident_adapter_ids(self, timeout: float | None = LIST_TIMEOUT) -> list[str]:
+        """The ids of the adapters resident on the worker, most recently used first."""
+        try:
+            response = self._stub.ListAdapters(pb.ListResidentRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return [adapter.adapter_id for adapter in response.adapters]
+
+    def resolve_adapter_id(self, given: str) -> str:
+        """The full id of `given`: a full id as it is, a prefix (at least 4 hex digits, such as the demo prints) the
+        one adapter resident on the worker whose id it starts. Raises `AdapterIdError` (a UserError) for a prefix
+        that starts none or several, `EdgeError` when the worker cannot list its adapters."""
+        return adapter_ids.resolve(
+            given,
+            self.resident_adapter_ids,
+            f"resident on the worker at {self._target}",
+            "an adapter the worker does not hold yet is asked for by its full id (`loracast ask --json` prints it)",
+        )
 
     def stream(
         self,

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from edge_client.client import Answer, Done, EdgeClient, EdgeError, Progress, Started, Timings
+from loracast.adapter_ids import AdapterIdError, resolve
 from loracast.cli import main
 from loracast.grpc_common import (
     ClientSecurity,
@@ -35,6 +36,7 @@ from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 
 ADAPTER_ID = "ab" * 32
+TWIN_ID = "abab" + "cd" * 30  # resident too: its first four digits are ADAPTER_ID's
 TIMINGS = pb.Timings(adapter_fetch_seconds=0.5, apply_seconds=0.25, first_token_seconds=1.0, total_seconds=2.0)
 WAIT = 30.0  # bound on every wait, so a broken client fails the test instead of hanging it
 # What a worker streams while the coordinator internalizes a document, before `started`.
@@ -75,6 +77,9 @@ class ScriptedWorker(pb_grpc.WorkerServicer):
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the client never showed the first piece")
             yield pb.GenerateEvent(token=pb.GenerateEvent.Token(text=" second"))
         yield pb.GenerateEvent(done=pb.GenerateEvent.Done(tokens=3, timings=TIMINGS))
+
+    def ListAdapters(self, request: pb.ListResidentRequest, context: grpc.ServicerContext) -> pb.ListResidentResponse:
+        return pb.ListResidentResponse(adapters=[pb.ResidentAdapter(adapter_id=i) for i in (ADAPTER_ID, TWIN_ID)])
 
     def next_request(self) -> pb.GenerateRequest:
         return self.requests.get(timeout=WAIT)
@@ -202,6 +207,29 @@ def test_grpc_failures_carry_the_code_the_message_and_retry_after(scripted):
     assert str(missing.value) == "NOT_FOUND: no adapter with this id"
 
 
+def test_an_adapter_id_prefix_names_the_one_resident_adapter_it_starts(scripted):
+    _, target = scripted
+    with EdgeClient(target) as client:
+        assert client.resident_adapter_ids() == [ADAPTER_ID, TWIN_ID]
+        assert client.resolve_adapter_id(ADAPTER_ID[:16]) == ADAPTER_ID
+        assert client.resolve_adapter_id(" ABABC") == TWIN_ID  # as git takes it: any case, spaces around
+        with pytest.raises(AdapterIdError, match=r"^2 adapters resident on the worker at .* start with abab "):
+            client.resolve_adapter_id("abab")
+        with pytest.raises(AdapterIdError, match=r"^no adapter resident on the worker at .* starts with ffff: "):
+            client.resolve_adapter_id("ffff")
+
+
+def test_a_full_adapter_id_is_taken_as_it_is_and_a_non_id_is_refused_without_listing():
+    def nothing_listed() -> list[str]:
+        raise AssertionError("listed the adapters")
+
+    unknown = "f" * 64  # perhaps only the coordinator holds it: the worker judges
+    assert resolve(unknown, nothing_listed, "here", "") == unknown
+    for given in ("abc", "a" * 65, "../etc", "abcg"):
+        with pytest.raises(AdapterIdError, match="is not an id: give its 64 hex digits, or at least 4 of them"):
+            resolve(given, nothing_listed, "here", "")
+
+
 def test_bearer_token_is_sent_and_a_wrong_one_is_refused():
     server, _, target = _serve(tokens=frozenset({"s3cret"}))
     try:
@@ -301,6 +329,24 @@ def test_cli_errors_are_one_line_with_the_grpc_code(scripted, capsys):
     assert _error_line(capsys) == (
         "loracast: error: RESOURCE_EXHAUSTED: too many generations in flight (retry after 250 ms)"
     )
+
+
+def test_cli_takes_the_prefix_of_a_resident_adapters_id_as_the_demo_prints_it(scripted, capsys):
+    worker, target = scripted
+    assert _ask("--worker", target, "--adapter", ADAPTER_ID[:16], "--json", "hello") == 0
+    assert json.loads(capsys.readouterr().out)["adapter_id"] == ADAPTER_ID
+    assert worker.next_request().adapter.adapter_id == ADAPTER_ID
+    assert _ask("--worker", target, "--adapter", "abab", "hello") == 2
+    assert _error_line(capsys) == (
+        f"loracast: error: 2 adapters resident on the worker at {target} start with abab (abababab…, ababcdcd…): "
+        "give more digits"
+    )
+    assert _ask("--worker", target, "--adapter", "ffff", "hello") == 2
+    assert _error_line(capsys) == (
+        f"loracast: error: no adapter resident on the worker at {target} starts with ffff: an adapter the worker "
+        "does not hold yet is asked for by its full id (`loracast ask --json` prints it)"
+    )
+    assert worker.requests.empty()
 
 
 def test_cli_failure_mid_answer_ends_the_partial_line_first(scripted, capsys):

@@ -852,8 +852,9 @@ def test_worker_export_writes_a_model_plain_onnxruntime_runs(
     ask(stub, pb.AdapterRef(adapter_id=adapter_id))
     out = tmp_path / "merged.onnx"
     base_args = ["--model", str(model_dir), "--cache-dir", str(tmp_path / "cache")]
-    assert cli.main(["worker", "export", "--adapter", adapter_id, "--out", str(out), *base_args]) == 0
-    assert "wrote" in capsys.readouterr().out
+    # The 12 digits its own output shows stand for the adapter, as the other ids a user sees do.
+    assert cli.main(["worker", "export", "--adapter", adapter_id[:12], "--out", str(out), *base_args]) == 0
+    assert f"adapter {adapter_id[:12]}… merged" in capsys.readouterr().out
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -874,6 +875,11 @@ def test_worker_export_writes_a_model_plain_onnxruntime_runs(
     assert cli.main(["worker", "export", "--adapter", "f" * 64, "--out", str(tmp_path / "x.onnx"), *base_args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loracast: error: adapter ffff") and "not resident" in err and len(err.splitlines()) == 1
+    assert cli.main(["worker", "export", "--adapter", "ffff", "--out", str(tmp_path / "x.onnx"), *base_args]) == 2
+    assert capsys.readouterr().err == (
+        f"loracast: error: no adapter in {tmp_path / 'cache'} starts with ffff: fetch it first (Prefetch, or one "
+        "Generate)\n"
+    )
     assert cli.main(["worker", "export", "--adapter", adapter_id, "--out", str(tmp_path), *base_args]) == 2
     err = capsys.readouterr().err
     assert err == f"loracast: error: cannot write --out {tmp_path}: Is a directory: give a writable file path\n"

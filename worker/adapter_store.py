@@ -106,6 +106,13 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def installed_ids(root: Path) -> list[str]:
+    """The names of the adapter directories under the cache directory `root`: ids, unverified (`read_installed`
+    checks one)."""
+    directory = Path(root) / ADAPTERS
+    return [path.name for path in directory.iterdir()] if directory.is_dir() else []
+
+
 def read_installed(root: Path, adapter_id: str, fingerprint: str) -> Resident:
     """An installed adapter under the cache directory `root`, verified; reads only, so any process may call it.
 

@@ -64,10 +64,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from google.protobuf.message import DecodeError
 
+    from loracast import adapter_ids
     from loracast.adapter_wire import WireError
     from loracast.errors import UserError
     from worker import model_cache
-    from worker.adapter_store import read_installed
+    from worker.adapter_store import installed_ids, read_installed
     from worker.onnx_session import OnnxDecoder
 
     model_dir = model_cache.check_exported(args.model) if args.model else model_cache.find(args.base)
@@ -77,19 +78,19 @@ def cmd_export(args: argparse.Namespace) -> None:
         )
     decoder = OnnxDecoder(model_dir / model_cache.MODEL_FILE)
     cache_dir = _cache_dir(args)
+    fetch_first = "fetch it first (Prefetch, or one Generate)"
+    adapter_id = adapter_ids.resolve(args.adapter, lambda: installed_ids(cache_dir), f"in {cache_dir}", fetch_first)
     try:
-        resident = read_installed(cache_dir, args.adapter, decoder.fingerprint or "")
+        resident = read_installed(cache_dir, adapter_id, decoder.fingerprint or "")
     except FileNotFoundError:
-        raise UserError(
-            f"adapter {args.adapter} is not resident in {cache_dir}: fetch it first (Prefetch, or one Generate)"
-        ) from None
+        raise UserError(f"adapter {adapter_id} is not resident in {cache_dir}: {fetch_first}") from None
     except (WireError, DecodeError, OSError) as exc:
-        raise UserError(f"adapter {args.adapter[:80]} cannot be used: {exc}") from exc
+        raise UserError(f"adapter {adapter_id} cannot be used: {exc}") from exc
     try:
-        out = decoder.export_merged(resident.adapter, resident.spec, Path(args.out), adapter_id=args.adapter)
+        out = decoder.export_merged(resident.adapter, resident.spec, Path(args.out), adapter_id=adapter_id)
     except OSError as exc:
         raise UserError(f"cannot write --out {args.out}: {exc.strerror or exc}: give a writable file path") from exc
-    print(f"wrote {out} (adapter {args.adapter[:12]}… merged into base {decoder.fingerprint[:12]}…)")
+    print(f"wrote {out} (adapter {adapter_id[:12]}… merged into base {decoder.fingerprint[:12]}…)")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -129,7 +130,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_serve)
 
     e = commands.add_parser("export", help="write a standalone .onnx with a resident adapter merged in")
-    e.add_argument("--adapter", required=True, help="id of a resident adapter (see ListAdapters)")
+    e.add_argument(
+        "--adapter",
+        required=True,
+        help="id of a resident adapter (see ListAdapters), or its first 4 or more hex digits",
+    )
     e.add_argument("--out", required=True, help="the .onnx file to write")
     _model_options(e)
     e.set_defaults(func=cmd_export)
