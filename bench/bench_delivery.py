@@ -49,10 +49,10 @@ from hypernet.checkpoint import DEFAULT_T2L
 from hypernet.sni_data import default_data_dir, load_tasks
 from loracast.adapter_wire import DEFAULT_CHUNK, MAX_CHUNK
 from loracast.grpc_common import open_channel
-from loracast.launch import ServerProcess, coordinator_argv, worker_argv
 from loracast.paths import DEFAULT_BASE
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
+from loracast_cli.launch import ServerProcess, coordinator_argv, worker_argv
 from worker import model_cache
 from worker.chat import ChatTokenizer
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from loracast import cli
+from loracast_cli import cli
 
 suite = cli.bench_suite()
 

@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loracast import adapter_format
-from loracast.cli import main
+from loracast_cli.cli import main
 
 
 def _error_line(capsys) -> str:
@@ -81,7 +81,7 @@ def test_answer_refuses_an_adapter_made_for_another_base(tiny_t2l, tiny_base_dir
     assert meta_path.exists()
     # A real process: the exit status and the single line on stderr are what scripts see.
     proc = subprocess.run(
-        [sys.executable, "-m", "loracast.cli", "answer", "--adapter", str(out), "--base", str(tiny_base_dir), "hi"],
+        [sys.executable, "-m", "loracast_cli.cli", "answer", "--adapter", str(out), "--base", str(tiny_base_dir), "hi"],
         capture_output=True,
         text=True,
         timeout=300,

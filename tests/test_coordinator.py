@@ -35,7 +35,7 @@ from coordinator.server import MIN_RETRY_MS, CoordinatorConfig, RunningCoordinat
 from hypernet import checkpoint
 from hypernet.generate import MAX_DESCRIPTION_CHARS, DocToLoRAGenerator, TextToLoRAGenerator
 from hypernet.self_distill import PHASES, Cancelled, DistillConfig, Progress
-from loracast import adapter_wire, cli
+from loracast import adapter_wire
 from loracast.adapter_format import META_FINGERPRINT, Adapter, as_float32
 from loracast.grpc_common import (
     RETRY_AFTER_MS,
@@ -48,6 +48,7 @@ from loracast.grpc_common import (
 from loracast.lora_spec import LoraSpec
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
+from loracast_cli import cli
 
 LORACAST = Path(sys.executable).with_name("loracast")
 TASK = "Reverse the given list."

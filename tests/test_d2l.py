@@ -23,8 +23,8 @@ from hypernet.generate import DocToLoRAGenerator, TextToLoRAGenerator
 from hypernet.teacher import topk_kl
 from hypernet.train_d2l import TeacherCache, TrainArgs, train
 from loracast import adapter_format
-from loracast.cli import main
 from loracast.lora import LoRALinear, LoraSpec, applied, inject, to_torch
+from loracast_cli.cli import main
 
 
 def _hyper(tiny_base, scaler: str = "sqrt", live: bool = True, bias: bool = True) -> DocToLoRA:

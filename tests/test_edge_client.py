@@ -22,7 +22,6 @@ import pytest
 
 from edge_client.client import Answer, Done, EdgeClient, EdgeError, Progress, Started, Timings
 from loracast.adapter_ids import AdapterIdError, resolve
-from loracast.cli import main
 from loracast.grpc_common import (
     ClientSecurity,
     ServerSecurity,
@@ -34,6 +33,7 @@ from loracast.grpc_common import (
 )
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
+from loracast_cli.cli import main
 
 ADAPTER_ID = "ab" * 32
 TWIN_ID = "abab" + "cd" * 30  # resident too: its first four digits are ADAPTER_ID's
@@ -424,7 +424,9 @@ def test_cli_unreachable_worker_exits_2_without_a_traceback():
 def test_cli_asks_without_loading_torch(scripted):
     """`loracast ask`, its whole command line parser included, never imports PyTorch: devices need only grpcio."""
     _, target = scripted
-    program = "import sys\nfrom loracast.cli import main\nassert main(sys.argv[1:]) == 0\nprint('torch' in sys.modules)"
+    program = (
+        "import sys\nfrom loracast_cli.cli import main\nassert main(sys.argv[1:]) == 0\nprint('torch' in sys.modules)"
+    )
     done = subprocess.run(
         [sys.executable, "-c", program, "ask", "--worker", target, "--task", "t", "--json", "hello"],
         capture_output=True,

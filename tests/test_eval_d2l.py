@@ -10,7 +10,7 @@ from conftest import write_rc_fixture
 from hypernet import d2l_data
 from hypernet.eval_d2l import CEILING, CONDITIONS, EvalArgs, Evaluator, evaluate, ratio_vs_context_distillation, table
 from hypernet.self_distill import DistillConfig
-from loracast import cli
+from loracast_cli import cli
 
 FAST = DistillConfig(budget_s=2, max_steps=2, batch_size=4, max_new_tokens=3, top_k=4)
 

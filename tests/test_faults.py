@@ -41,9 +41,9 @@ from test_worker import installed
 from coordinator.adapter_cache import AdapterCache
 from edge_client.client import Answer, EdgeClient, EdgeError
 from loracast import adapter_format, adapter_wire
-from loracast.launch import LORACAST, ServerProcess
 from loracast.lora_spec import LoraSpec
 from loracast.v1 import loracast_pb2 as pb
+from loracast_cli.launch import LORACAST, ServerProcess
 from worker import metrics
 from worker import server as worker_server
 from worker.adapter_store import read_installed
@@ -386,7 +386,7 @@ def test_a_flipped_byte_in_the_stream_is_detected_and_never_installed(
 
 KILL_IN_INSTALL = """
 import os, signal, sys
-from loracast.cli import main
+from loracast_cli.cli import main
 from worker.adapter_store import AdapterStore
 
 evict = AdapterStore._evict

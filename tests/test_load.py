@@ -37,9 +37,9 @@ from prometheus_client.samples import Sample
 
 from edge_client.client import Answer, EdgeClient, EdgeError
 from loracast.grpc_common import open_channel, wait_until_serving
-from loracast.launch import ServerProcess, coordinator_argv, worker_argv
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
+from loracast_cli.launch import ServerProcess, coordinator_argv, worker_argv
 
 STARTUP_S = 180.0  # a server's start on a busy 2-core machine (the coordinator imports torch and loads models)
 CLIENTS, REQUESTS_PER_CLIENT = 32, 4

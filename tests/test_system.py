@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from edge_client.client import EdgeClient, EdgeError
-from loracast.launch import LORACAST, ServerProcess, coordinator_argv, ready_pattern, worker_argv
+from loracast_cli.launch import LORACAST, ServerProcess, coordinator_argv, ready_pattern, worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

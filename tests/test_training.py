@@ -12,8 +12,8 @@ import torch
 from hypernet import checkpoint, train_t2l
 from hypernet.sni_data import DEFAULT_PARAPHRASES, collate, data_hash, encode_example, user_turn
 from hypernet.train_t2l import TrainArgs, answer_logits, answer_loss, distill_loss, example_losses, train
-from loracast.cli import main
 from loracast.errors import UserError
+from loracast_cli.cli import main
 
 
 def _args(tmp_path, tiny_base_dir, tiny_data_dir, name: str, steps: int, kind: str = "t2l") -> TrainArgs:

@@ -31,13 +31,14 @@ from peft import PeftModel
 from test_onnx_session import TOL, _hf_model, _max_diff, _reference_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loracast import adapter_format, adapter_wire, cli
+from loracast import adapter_format, adapter_wire
 from loracast.grpc_common import RETRY_AFTER_MS, ClientSecurity, ServerSecurity, open_channel, wait_until_serving
-from loracast.launch import LORACAST
 from loracast.lora import applied, inject, to_torch
 from loracast.lora_spec import LoraSpec
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
+from loracast_cli import cli
+from loracast_cli.launch import LORACAST
 from worker import metrics, model_cache, onnx_io
 from worker import server as worker_server
 from worker.adapter_store import read_installed

@@ -201,8 +201,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from edge_client.client import EdgeClient
     from hypernet.checkpoint import DEFAULT_T2L
-    from loracast.launch import ServerProcess, coordinator_argv, worker_argv
     from loracast.paths import cache_root
+    from loracast_cli.launch import ServerProcess, coordinator_argv, worker_argv
 
     demo_dir = cache_root() / "demo"  # adapter caches survive between runs: the second run shows cache hits
     with tempfile.TemporaryDirectory(prefix="loracast-demo-") as logs:

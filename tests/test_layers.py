@@ -1,0 +1,49 @@
+"""The packages are layers that import one way: `loracast` (shared: formats, wire, base model) at the bottom, the
+components (hypernet, coordinator, worker, edge_client) on it, and `loracast_cli` (the command line and the server
+processes) on top. An import the other way would tie a component, or an edge device, to code it does not need.
+
+Every import counts, those inside functions too: the CLI imports lazily, and a lazy import is still a dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPONENTS = ("hypernet", "coordinator", "worker", "edge_client")
+TOP = "loracast_cli"
+
+
+def _imported(path: Path) -> set[str]:
+    """The top-level package of every absolute import in the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _upward(package: str, above: set[str]) -> list[str]:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no Python files under {package}/"
+    return [f"{path.relative_to(ROOT)} imports {name}" for path in files for name in sorted(_imported(path) & above)]
+
+
+def test_the_shared_package_imports_no_component_and_not_the_cli():
+    assert _upward("loracast", {*COMPONENTS, TOP, "bench"}) == []
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_no_component_imports_the_cli(component):
+    assert _upward(component, {TOP, "bench"}) == []
+
+
+def test_the_check_sees_imports_inside_functions(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from worker.server import start\n    import hypernet.t2l\n")
+    assert _imported(module) == {"worker", "hypernet"}
