@@ -48,7 +48,7 @@ from edge_client.client import DEFAULT_TIMEOUT, Done, EdgeClient, Started, Timin
 from hypernet.checkpoint import DEFAULT_T2L
 from hypernet.sni_data import default_data_dir, load_tasks
 from loracast.adapter_wire import DEFAULT_CHUNK, MAX_CHUNK
-from loracast.grpc_common import open_channel
+from loracast.grpc_security import open_channel
 from loracast.paths import DEFAULT_BASE
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc

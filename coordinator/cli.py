@@ -17,7 +17,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     and exits with status 2."""
     from coordinator.server import CoordinatorConfig, default_cache_dir, start
     from hypernet.checkpoint import DEFAULT_D2L, DEFAULT_T2L
-    from loracast.grpc_common import ConfigError, wait_for_signal
+    from loracast.errors import ConfigError
+    from loracast.grpc_server import wait_for_signal
     from loracast.server_flags import server_security
 
     config = CoordinatorConfig(

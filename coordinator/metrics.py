@@ -2,7 +2,7 @@
 
 The series the worker exports too (cache lookups, bytes streamed, transfer time) are defined once in
 `loracast.serving_metrics` and used here with component="coordinator"; per-RPC latency and status codes come from
-`loracast.grpc_common`'s interceptor.
+`loracast.grpc_server`'s interceptor.
 """
 
 from __future__ import annotations

@@ -40,19 +40,10 @@ from hypernet.self_distill import Cancelled, DistillConfig, Progress
 from loracast import adapter_wire, base_model
 from loracast.adapter_format import Adapter
 from loracast.adapter_wire import WireError
-from loracast.grpc_common import (
-    ConfigError,
-    MalformedRequest,
-    RequestError,
-    RunningServer,
-    ServerSecurity,
-    abort,
-    check_listen,
-    create_server,
-    returned,
-    serve,
-    streamed,
-)
+from loracast.errors import ConfigError
+from loracast.grpc_errors import MalformedRequest, RequestError, abort
+from loracast.grpc_security import ServerSecurity
+from loracast.grpc_server import RunningServer, check_listen, create_server, returned, serve, streamed
 from loracast.lora_spec import LoraSpec
 from loracast.paths import DEFAULT_BASE, cache_root
 from loracast.v1 import loracast_pb2 as pb

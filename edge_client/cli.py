@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from loracast.progress import add_budget_flag
 
 if TYPE_CHECKING:
-    from loracast.grpc_common import ClientSecurity
+    from loracast.grpc_security import ClientSecurity
 
 
 def _read(path: str, flag: str) -> bytes:
@@ -36,7 +36,8 @@ def _count(value: str) -> int:
 def _security(args: argparse.Namespace) -> ClientSecurity:
     from pathlib import Path
 
-    from loracast.grpc_common import ClientSecurity, ConfigError, read_token_file
+    from loracast.errors import ConfigError
+    from loracast.grpc_security import ClientSecurity, read_token_file
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("a client certificate needs both --tls-cert and --tls-key")

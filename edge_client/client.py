@@ -22,7 +22,8 @@ import grpc
 
 from loracast import adapter_ids
 from loracast.errors import UserError
-from loracast.grpc_common import RETRY_AFTER_MS, ClientSecurity, open_channel
+from loracast.grpc_errors import RETRY_AFTER_MS
+from loracast.grpc_security import ClientSecurity, open_channel
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 

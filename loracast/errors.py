@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Something the user can fix; the message says what."""
+
+
+class ConfigError(UserError, ValueError):
+    """A server or client option that cannot work (a missing certificate, a key without a certificate)."""

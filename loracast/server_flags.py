@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from loracast.grpc_common import ServerSecurity
+    from loracast.grpc_security import ServerSecurity
 
 
 def optional_path(value: str | None) -> Path | None:
@@ -32,7 +32,7 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
 
 def server_security(args: argparse.Namespace) -> ServerSecurity:
     """The `ServerSecurity` the flags of `add_security_flags` ask for; a bad token file raises ConfigError."""
-    from loracast.grpc_common import ServerSecurity, read_token_file
+    from loracast.grpc_security import ServerSecurity, read_token_file
 
     tokens = frozenset(args.token) | (read_token_file(Path(args.token_file)) if args.token_file else frozenset())
     return ServerSecurity(

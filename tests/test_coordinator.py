@@ -37,14 +37,10 @@ from hypernet.generate import MAX_DESCRIPTION_CHARS, DocToLoRAGenerator, TextToL
 from hypernet.self_distill import PHASES, Cancelled, DistillConfig, Progress
 from loracast import adapter_wire
 from loracast.adapter_format import META_FINGERPRINT, Adapter, as_float32
-from loracast.grpc_common import (
-    RETRY_AFTER_MS,
-    ClientSecurity,
-    ConfigError,
-    ServerSecurity,
-    open_channel,
-    wait_until_serving,
-)
+from loracast.errors import ConfigError
+from loracast.grpc_errors import RETRY_AFTER_MS
+from loracast.grpc_security import ClientSecurity, ServerSecurity, open_channel
+from loracast.grpc_server import wait_until_serving
 from loracast.lora_spec import LoraSpec
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc

@@ -22,15 +22,9 @@ import pytest
 
 from edge_client.client import Answer, Done, EdgeClient, EdgeError, Progress, Started, Timings
 from loracast.adapter_ids import AdapterIdError, resolve
-from loracast.grpc_common import (
-    ClientSecurity,
-    ServerSecurity,
-    create_server,
-    open_channel,
-    retry_later,
-    start_serving,
-    wait_until_serving,
-)
+from loracast.grpc_errors import retry_later
+from loracast.grpc_security import ClientSecurity, ServerSecurity, open_channel
+from loracast.grpc_server import create_server, start_serving, wait_until_serving
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 from loracast_cli.cli import main

@@ -52,7 +52,8 @@ from hypernet.generate import MAX_BUDGET_S, MAX_DESCRIPTION_CHARS, TextToLoRAGen
 from loracast import adapter_format, adapter_wire
 from loracast.adapter_format import META_FINGERPRINT
 from loracast.adapter_wire import WireError
-from loracast.grpc_common import MAX_MESSAGE_BYTES, open_channel, wait_until_serving
+from loracast.grpc_security import MAX_MESSAGE_BYTES, open_channel
+from loracast.grpc_server import wait_until_serving
 from loracast.lora_spec import ATTN_MODULES, MLP_MODULES, LoraSpec, peft_key
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc

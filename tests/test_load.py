@@ -36,7 +36,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from edge_client.client import Answer, EdgeClient, EdgeError
-from loracast.grpc_common import open_channel, wait_until_serving
+from loracast.grpc_security import open_channel
+from loracast.grpc_server import wait_until_serving
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 from loracast_cli.launch import ServerProcess, coordinator_argv, worker_argv

@@ -61,7 +61,8 @@ from coordinator.server import CoordinatorConfig, RunningCoordinator
 from coordinator.server import start as start_coordinator
 from hypernet.generate import TextToLoRAGenerator
 from loracast import adapter_wire
-from loracast.grpc_common import ClientSecurity, ServerSecurity, open_channel, wait_until_serving
+from loracast.grpc_security import ClientSecurity, ServerSecurity, open_channel
+from loracast.grpc_server import wait_until_serving
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 from worker.adapter_store import read_installed

@@ -32,7 +32,9 @@ from test_onnx_session import TOL, _hf_model, _max_diff, _reference_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loracast import adapter_format, adapter_wire
-from loracast.grpc_common import RETRY_AFTER_MS, ClientSecurity, ServerSecurity, open_channel, wait_until_serving
+from loracast.grpc_errors import RETRY_AFTER_MS
+from loracast.grpc_security import ClientSecurity, ServerSecurity, open_channel
+from loracast.grpc_server import wait_until_serving
 from loracast.lora import applied, inject, to_torch
 from loracast.lora_spec import LoraSpec
 from loracast.v1 import loracast_pb2 as pb
@@ -889,7 +891,8 @@ def test_worker_export_writes_a_model_plain_onnxruntime_runs(
 NO_TORCH = """
 import re, resource, sys
 from pathlib import Path
-from loracast.grpc_common import open_channel, wait_until_serving
+from loracast.grpc_security import open_channel
+from loracast.grpc_server import wait_until_serving
 from loracast.v1 import loracast_pb2 as pb, loracast_pb2_grpc as pb_grpc
 from worker.server import WorkerConfig, start
 

@@ -34,7 +34,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from loracast import adapter_wire
-from loracast.grpc_common import RequestError
+from loracast.grpc_errors import RequestError
 from loracast.lora_spec import LoraSpec
 from loracast.paths import TEMP_SUFFIX, write_file
 from loracast.v1 import loracast_pb2 as pb

@@ -20,7 +20,9 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from loracast.grpc_common import ClientSecurity, ConfigError, read_token_file, wait_for_signal
+    from loracast.errors import ConfigError
+    from loracast.grpc_security import ClientSecurity, read_token_file
+    from loracast.grpc_server import wait_for_signal
     from loracast.server_flags import server_security
     from worker.server import WorkerConfig, start
 

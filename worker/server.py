@@ -33,20 +33,10 @@ from typing import NoReturn
 import grpc
 
 from loracast import adapter_wire
-from loracast.grpc_common import (
-    RETRY_AFTER_MS,
-    ClientSecurity,
-    ConfigError,
-    RequestError,
-    RunningServer,
-    ServerSecurity,
-    abort,
-    check_listen,
-    create_server,
-    open_channel,
-    returned,
-    serve,
-)
+from loracast.errors import ConfigError
+from loracast.grpc_errors import RETRY_AFTER_MS, RequestError, abort
+from loracast.grpc_security import ClientSecurity, ServerSecurity, open_channel
+from loracast.grpc_server import RunningServer, check_listen, create_server, returned, serve
 from loracast.paths import DEFAULT_BASE
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc

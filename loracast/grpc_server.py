@@ -1,8 +1,5 @@
-"""What the coordinator and the worker share as gRPC servers: security, health, reflection, metrics, lifecycle.
-
-Security is opt-in per flag: a server certificate turns on TLS, a client CA on top of it requires mutual TLS,
-and bearer tokens require `authorization: Bearer <token>` metadata on every call except health checks (so
-orchestrators can probe without a secret).
+"""What the coordinator and the worker share as gRPC servers: the bearer-token check, per-RPC metrics, health,
+reflection, /metrics, and the lifecycle from start to drain.
 """
 
 from __future__ import annotations
@@ -12,13 +9,10 @@ import socket
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
-from pathlib import Path
-from types import MappingProxyType
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -26,13 +20,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
-from loracast.errors import UserError
+from loracast.errors import ConfigError
+from loracast.grpc_errors import MalformedRequest
+from loracast.grpc_security import CHANNEL_OPTIONS, ServerSecurity
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a data chunk is at most 1 MiB; documents arrive as a stream
 HEALTH_SERVICE = health.SERVICE_NAME
-RETRY_AFTER_MS = "retry-after-ms"
 T = TypeVar("T")
-_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 RPC_TOTAL = Counter("loracast_rpc_total", "Finished RPCs by gRPC status code", ["component", "method", "code"])
 RPC_SECONDS = Histogram(
@@ -43,100 +36,11 @@ RPC_SECONDS = Histogram(
 )
 
 
-class ConfigError(UserError, ValueError):
-    """A server or client option that cannot work (a missing certificate, a key without a certificate)."""
-
-
-class MalformedRequest(ValueError):
-    """A request message that does not parse as its type; raised from a client stream's request iterator (a
-    servicer answers INVALID_ARGUMENT). A unary request that does not parse is refused before the servicer runs."""
-
-
 @dataclass(frozen=True)
 class _Unparsed:
     """What a request that does not parse becomes: gRPC itself would answer INTERNAL, which the proto calls a bug."""
 
     reason: str
-
-
-def _read(path: Path | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from exc
-
-
-@dataclass(frozen=True)
-class ServerSecurity:
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    client_ca: Path | None = None  # set: clients must present a certificate signed by this CA (mutual TLS)
-    tokens: frozenset[str] = field(default_factory=frozenset)
-
-    def credentials(self) -> grpc.ServerCredentials | None:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("TLS needs both --tls-cert and --tls-key")
-        if self.tls_cert is None:
-            if self.client_ca is not None:
-                raise ConfigError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
-            return None
-        pair = (_read(self.tls_key, "TLS key"), _read(self.tls_cert, "TLS certificate"))
-        ca = _read(self.client_ca, "client CA")
-        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
-
-
-@dataclass(frozen=True)
-class ClientSecurity:
-    tls_ca: Path | None = None  # set: connect with TLS, trusting this CA
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    token: str | None = None
-
-
-def open_channel(target: str, security: ClientSecurity | None = None) -> grpc.Channel:
-    """A channel to `target` (HOST:PORT) with TLS, a client certificate and a bearer token as configured."""
-    security = security or ClientSecurity()
-    if security.tls_ca is None:
-        if security.client_cert is not None:
-            raise ConfigError("a client certificate needs TLS: add the server's CA")
-        channel = grpc.insecure_channel(target, options=_OPTIONS)
-    else:
-        creds = grpc.ssl_channel_credentials(
-            _read(security.tls_ca, "CA certificate"),
-            _read(security.client_key, "client key"),
-            _read(security.client_cert, "client certificate"),
-        )
-        channel = grpc.secure_channel(target, creds, options=_OPTIONS)
-    if security.token:
-        channel = grpc.intercept_channel(channel, _TokenInterceptor(security.token))
-    return channel
-
-
-class _TokenInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
-
-    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return details._replace(metadata=[*(details.metadata or ()), self._header])
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
 
 
 def _code_name(context: grpc.ServicerContext, failed: bool) -> str:
@@ -267,7 +171,7 @@ def create_server(component: str, security: ServerSecurity, max_workers: int = 1
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=component),
         interceptors=[_ServerInterceptor(component, security.tokens)],
         # Without this, gRPC binds a port another server already listens on, and the two split its traffic.
-        options=[*_OPTIONS, ("grpc.so_reuseport", 0)],
+        options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_workers * 4,
     )
 
@@ -288,17 +192,6 @@ def check_listen(listen: str) -> str:
         except OSError as exc:
             raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
     return host
-
-
-def read_token_file(path: Path) -> frozenset[str]:
-    """The bearer tokens in a file, one a line (blank lines ignored), so tokens stay off command lines."""
-    try:  # metadata values are ASCII
-        tokens = frozenset(line.strip() for line in _read(path, "token file").decode("ascii").splitlines()) - {""}
-    except UnicodeDecodeError:
-        raise ConfigError(f"the token file {path} is not ASCII text") from None
-    if not tokens:
-        raise ConfigError(f"the token file {path} holds no token: auth would be off")
-    return tokens
 
 
 @dataclass
@@ -383,44 +276,6 @@ def start_metrics(port: int, host: str) -> ThreadingHTTPServer:
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on port {port}: {exc.strerror}") from exc
     return server
-
-
-class RequestError(Exception):
-    """A request a server refuses: `code` and the one-line `message` go to the client (`abort`), with a
-    `retry-after-ms` trailer when `retry_after_ms` is set."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retry_after_ms = retry_after_ms
-
-
-def abort(
-    context: grpc.ServicerContext,
-    exc: Exception,
-    component: str,
-    statuses: Mapping[type[Exception], grpc.StatusCode] = MappingProxyType({}),
-) -> NoReturn:
-    """End the call with the status an error stands for: a RequestError's own; for an exception of a type in
-    `statuses`, that status and its message. Anything else is a bug: INTERNAL, traceback to stderr."""
-    if isinstance(exc, grpc.RpcError) and not context.is_active():  # the client left mid-stream: not a bug
-        context.abort(grpc.StatusCode.CANCELLED, "the client went away")
-    if isinstance(exc, RequestError):
-        if exc.retry_after_ms:
-            retry_later(context, exc.retry_after_ms, exc.message)
-        context.abort(exc.code, exc.message)
-    for kind, code in statuses.items():
-        if isinstance(exc, kind):
-            context.abort(code, str(exc))
-    traceback.print_exception(exc, file=sys.stderr)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in the {component} ({type(exc).__name__}); see its log")
-
-
-def retry_later(context: grpc.ServicerContext, retry_after_ms: int, message: str) -> None:
-    """Refuse with RESOURCE_EXHAUSTED and a `retry-after-ms` trailer saying when to try again."""
-    context.set_trailing_metadata(((RETRY_AFTER_MS, str(retry_after_ms)),))
-    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
 def wait_for_signal(ready_line: str, stop: Callable[[float], None], grace: float = 5.0) -> None:
