@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loracast import adapter_format, lora_spec
 from loracast.lora_spec import LoraSpec
-from worker import onnx_export, onnx_io, onnx_session
+from worker import onnx_export, onnx_io, onnx_session, weight_packing
 from worker.chat import ChatTokenizer
 from worker.onnx_session import OnnxDecoder
 
@@ -304,7 +304,7 @@ def test_the_serving_path_imports_no_torch():
 
 def _gguf_q4_1(w: torch.Tensor) -> torch.Tensor:
     """w rounded as GGUF's Q4_1 stores it: per block of 32 along the input, d q + m with q in 0..15, d and m fp16."""
-    blocks = w.reshape(w.shape[0], -1, onnx_session.BLOCK)
+    blocks = w.reshape(w.shape[0], -1, weight_packing.BLOCK)
     low = blocks.amin(-1, keepdim=True).half().float()
     step = ((blocks.amax(-1, keepdim=True) - low) / 15).half().float()
     codes = ((blocks - low) / torch.where(step > 0, step, 1)).round().clamp(0, 15)
@@ -313,7 +313,7 @@ def _gguf_q4_1(w: torch.Tensor) -> torch.Tensor:
 
 def _gguf_q8_0(w: torch.Tensor) -> torch.Tensor:
     """w rounded as GGUF's Q8_0 stores it: per block of 32, d q with q in -127..127, d fp16."""
-    blocks = w.reshape(w.shape[0], -1, onnx_session.BLOCK)
+    blocks = w.reshape(w.shape[0], -1, weight_packing.BLOCK)
     step = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
     codes = (blocks / torch.where(step > 0, step, 1)).round().clamp(-127, 127)  # the padding row is all zeros
     return (codes * step).reshape(w.shape)
@@ -345,19 +345,19 @@ def grid_decoder(grid_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_pack_linear_is_exact_on_gguf_grids_and_declines_other_weights():
     w = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
     for rounded, parts, has_offsets in ((_gguf_q4_1(w), 1, True), (_gguf_q8_0(w), 2, False)):
-        form = onnx_session.pack_linear(rounded.numpy())
+        form = weight_packing.pack_linear(rounded.numpy())
         assert form is not None and len(form.parts) == parts and (form.offsets is not None) == has_offsets
         # Decode the parts as MatMulNBits does: scale * (code - zero point), zero point 8 when absent.
-        total = np.zeros((6, 2, onnx_session.BLOCK), np.float32)
+        total = np.zeros((6, 2, weight_packing.BLOCK), np.float32)
         for codes, scales, zero in form.parts:
-            unpacked = np.stack([codes & 15, codes >> 4], axis=-1).reshape(6, 2, onnx_session.BLOCK)
+            unpacked = np.stack([codes & 15, codes >> 4], axis=-1).reshape(6, 2, weight_packing.BLOCK)
             zp = 8 if zero is None else np.stack([zero & 15, zero >> 4], axis=-1).reshape(6, -1)[:, :2, None]
             total += scales.reshape(6, 2, 1) * (unpacked.astype(np.float32) - zp)
         if has_offsets:
             total += form.offsets[..., None]
         assert np.abs(total.reshape(6, 64) - rounded.numpy()).max() < 1e-6
-    assert onnx_session.pack_linear(w.numpy()) is None
-    assert onnx_session.pack_linear(_gguf_q4_1(w)[:, :40].numpy()) is None  # not whole blocks
+    assert weight_packing.pack_linear(w.numpy()) is None
+    assert weight_packing.pack_linear(_gguf_q4_1(w)[:, :40].numpy()) is None  # not whole blocks
 
 
 def test_packed_decoder_matches_pytorch_in_every_mode(grid_decoder, grid_base_dir, prompt, tmp_path):
@@ -365,7 +365,7 @@ def test_packed_decoder_matches_pytorch_in_every_mode(grid_decoder, grid_base_di
     assert len(grid_decoder.packed) == 7 * layers + 1  # every linear and the tied lm_head
     assert not onnx_session.OnnxDecoder(grid_decoder.path, pack_weights=False).packed
     graph = onnx.load(str(grid_decoder.path)).graph
-    onnx_session.pack_linears(graph, {})
+    weight_packing.pack_linears(graph, {})
     ops = [node.op_type for node in graph.node]
     # q, k, v as one call; o; gate, up as one call; down; the Q8_0 lm_head's two 4-bit parts
     assert ops.count("MatMulNBits") == 4 * layers + 2 and ops.count("Split") == 2 * layers
@@ -397,7 +397,7 @@ def test_int8_activations_are_opt_in_fast_and_close(grid_decoder, grid_base_dir,
     """`int8_activations` packs the same linears with MatMulNBits accuracy_level 4 (lossy); the default stays exact."""
     assert not grid_decoder.int8_activations  # exact is the default
     graph = onnx.load(str(grid_decoder.path)).graph
-    onnx_session.pack_linears(graph, {}, accuracy_level=onnx_session.INT8_ACCURACY)
+    weight_packing.pack_linears(graph, {}, accuracy_level=weight_packing.INT8_ACCURACY)
     levels = {
         onnx.helper.get_attribute_value(a)
         for node in graph.node
@@ -405,7 +405,7 @@ def test_int8_activations_are_opt_in_fast_and_close(grid_decoder, grid_base_dir,
         for a in node.attribute
         if a.name == "accuracy_level"
     }
-    assert levels == {onnx_session.INT8_ACCURACY}
+    assert levels == {weight_packing.INT8_ACCURACY}
 
     fast = OnnxDecoder(grid_decoder.path, intra_op_threads=1, int8_activations=True)
     assert fast.int8_activations and fast.packed == grid_decoder.packed
