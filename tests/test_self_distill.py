@@ -28,7 +28,7 @@ DOC = (
     "Mara Quintell was born on 4 March 1961. She grew up in Velmora and studied at the University of Ostrand. "
     "Quintell works for a company called Brisk Harbor, which has 6,120 employees and earned $12.5 million in 2019."
 )
-TINY = DistillConfig(budget_s=30, max_steps=3, batch_size=4, max_new_tokens=4, top_k=4, lr=1e-2)
+TINY = DistillConfig(budget_s=30, max_steps=3, batch_size=4, max_new_tokens=4, top_k=4, lr=1e-2, frozen_share=0)
 
 
 def test_the_probe_writer_is_deterministic_and_covers_names_dates_and_numbers():
@@ -112,9 +112,9 @@ def test_a_zero_budget_returns_the_start_unchanged(tiny_base, wrappers):
     assert all(torch.equal(adapter[k][0], start[k][0]) for k in start)
 
 
-def test_only_layers_from_first_layer_up_are_trained(tiny_base, wrappers):
+def test_only_the_layers_above_the_frozen_share_are_trained(tiny_base, wrappers):
     start = zero_start(wrappers, 4)
-    adapter, _ = distill_document(tiny_base, wrappers, DOC, lambda: start, replace(TINY, first_layer=1))
+    adapter, _ = distill_document(tiny_base, wrappers, DOC, lambda: start, replace(TINY, frozen_share=0.5))
     for (layer, m), (_, b) in adapter.items():
         assert torch.equal(b, start[(layer, m)][1]) == (layer < 1)
 
