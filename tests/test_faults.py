@@ -225,7 +225,7 @@ def proxy(coordinator) -> Iterator[Proxy]:
 def record_fetches(worker: worker_server.RunningWorker) -> list[int]:
     """The offset of every FetchAdapter call an in-process worker makes from now on."""
     offsets: list[int] = []
-    make_source = worker.servicer._source
+    make_source = worker.coordinator.fetch_source
 
     def recording(context):
         fetch = make_source(context)
@@ -236,7 +236,7 @@ def record_fetches(worker: worker_server.RunningWorker) -> list[int]:
 
         return recorded
 
-    worker.servicer._source = recording
+    worker.coordinator.fetch_source = recording
     return offsets
 
 

@@ -47,3 +47,18 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from worker.server import start\n    import hypernet.t2l\n")
     assert _imported(module) == {"worker", "hypernet"}
+
+
+def _identifiers(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} | {
+        node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+    }
+
+
+def test_the_worker_reaches_the_coordinator_only_through_its_client():
+    """One module holds the Coordinator protocol on the worker's side: channel, stub, requests, error statuses."""
+    users = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "worker").rglob("*.py"))]
+    assert [user for user in users if "CoordinatorStub" in _identifiers(ROOT / user)] == [
+        "worker/coordinator_client.py"
+    ]

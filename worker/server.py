@@ -12,6 +12,7 @@ How a request's adapter is found (`AdapterRef`):
 - A document the coordinator internalizes streams its progress to the caller before `started`; a caller that goes
   away cancels the coordinator call, and with it the internalization if nobody else waits for it.
 - adapter_id: resident, else fetched from the coordinator.
+Every coordinator call goes through `worker.coordinator_client`, which speaks the Coordinator protocol.
 Concurrent generations share one `OnnxDecoder`: hot-swap sets the adapter and starts decoding under one lock
 (a generation keeps the adapter it started with), merged sessions are kept in a small LRU. An adapter the graph
 cannot hot-swap (a module it was not exported with, or a rank above its maximum; the default export takes both
@@ -34,19 +35,19 @@ import grpc
 
 from loracast import adapter_wire
 from loracast.errors import ConfigError
-from loracast.grpc_errors import RETRY_AFTER_MS, RequestError, abort
-from loracast.grpc_security import ClientSecurity, ServerSecurity, open_channel
+from loracast.grpc_errors import RequestError, abort
+from loracast.grpc_security import ClientSecurity, ServerSecurity
 from loracast.grpc_server import RunningServer, check_listen, create_server, returned, serve
 from loracast.paths import DEFAULT_BASE
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 from worker import metrics, model_cache
-from worker.adapter_store import AdapterStore, ChunkSource, Resident
+from worker.adapter_store import AdapterStore, Resident
 from worker.chat import ChatTokenizer
+from worker.coordinator_client import CoordinatorClient
 from worker.onnx_session import OnnxDecoder
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
-DOCUMENT_CHUNK = 64 * 1024  # bytes per DocumentChunk sent to the coordinator
 BUSY_RETRY_MS = 500  # what a refused client is told to wait: roughly one short generation
 MODES = {pb.APPLY_MODE_UNSPECIFIED: "hot_swap", pb.HOT_SWAP: "hot_swap", pb.MERGED: "merged"}
 
@@ -88,17 +89,6 @@ def _document_key(ref: pb.AdapterRef) -> str:
     return _text_key(f"document@{budget}", ref.document)
 
 
-def _document_chunks(ref: pb.AdapterRef, dtype: int) -> Iterator[pb.DocumentChunk]:
-    """The document in DocumentChunks, the request's settings in the first (the only one the coordinator reads)."""
-    for offset in range(0, len(ref.document), DOCUMENT_CHUNK):
-        chunk = pb.DocumentChunk(data=ref.document[offset : offset + DOCUMENT_CHUNK])
-        if offset == 0:
-            chunk.dtype = dtype
-            if ref.HasField("budget_seconds"):
-                chunk.budget_seconds = ref.budget_seconds
-        yield chunk
-
-
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(
         self,
@@ -106,13 +96,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         decoder: OnnxDecoder,
         tokenizer: ChatTokenizer,
         store: AdapterStore,
-        channel: grpc.Channel | None,
+        coordinator: CoordinatorClient | None,
     ) -> None:
         self.config = config
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.store = store
-        self._coordinator = pb_grpc.CoordinatorStub(channel) if channel is not None else None
+        self._coordinator = coordinator
         self._slots = threading.BoundedSemaphore(config.max_concurrent)
         self._swap = threading.Lock()  # set_adapter and the start of generate() happen as one step
         self._merged: OrderedDict[str, OnnxDecoder] = OrderedDict()
@@ -283,7 +273,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         the progress of a document's internalization on the way."""
         start = time.perf_counter()
         kind = ref.WhichOneof("source")
-        source = self._source(context)
+        source = self._coordinator.fetch_source(context) if self._coordinator is not None else None
         try:
             if kind == "adapter_id":
                 resident = self.store.ensure(ref.adapter_id, source)
@@ -295,29 +285,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     resident = self.store.ensure(adapter_id, source)
                 else:
                     if kind == "task":
-                        manifest = self._describe(ref.task, context)
+                        manifest = self._require_coordinator().describe(ref.task, context)
                     else:
                         manifest = yield from self._internalize(ref, context)
                     resident = self.store.ensure(manifest.adapter_id, source, manifest)
                     self.store.remember(key, manifest.adapter_id)
-        except grpc.RpcError as exc:
-            raise self._coordinator_error(exc, context, ref) from None
+        except grpc.RpcError as exc:  # only a coordinator call raises it
+            raise self._require_coordinator().error(exc, context, ref) from None
         return resident, 0.0 if resident.was_resident else time.perf_counter() - start
 
-    def _timeout(self, context: grpc.ServicerContext, budget_s: float = 0.0) -> float:
-        return min(context.time_remaining(), self.config.coordinator_timeout + budget_s)
-
-    def _source(self, context: grpc.ServicerContext) -> ChunkSource | None:
-        if self._coordinator is None:
-            return None
-
-        def fetch(adapter_id: str, offset: int):
-            request = pb.FetchAdapterRequest(adapter_id=adapter_id, dtype=self.config.dtype, offset=offset)
-            return self._coordinator.FetchAdapter(request, timeout=self._timeout(context))
-
-        return fetch
-
-    def _require_coordinator(self) -> pb_grpc.CoordinatorStub:
+    def _require_coordinator(self) -> CoordinatorClient:
         if self._coordinator is None:
             raise RequestError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -325,76 +302,27 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             )
         return self._coordinator
 
-    def _describe(self, task: str, context: grpc.ServicerContext) -> pb.AdapterManifest:
-        request = pb.GenerateFromDescriptionRequest(description=task, dtype=self.config.dtype)
-        timeout, start = self._timeout(context), time.perf_counter()
-        try:
-            return self._require_coordinator().GenerateFromDescription(request, timeout=timeout).manifest
-        except grpc.RpcError as exc:
-            raise _refusal_or(exc, time.perf_counter() - start, timeout) from None
-
     def _internalize(
         self, ref: pb.AdapterRef, context: grpc.ServicerContext
     ) -> Generator[pb.GenerateEvent, None, pb.AdapterManifest]:
-        """Forward the document in chunks (it stays in memory, never on disk or in a log) and its progress back."""
-        stub = self._require_coordinator()
-        timeout, start = self._timeout(context, ref.budget_seconds), time.perf_counter()
-        call = stub.InternalizeDocument(_document_chunks(ref, self.config.dtype), timeout=timeout)
-        # Our caller going away ends the coordinator call too, which cancels a job nobody else waits for.
-        if not context.add_callback(call.cancel):
-            call.cancel()
-        try:
-            for event in call:
-                kind = event.WhichOneof("event")
-                if kind == "result":
-                    return event.result.manifest
-                if kind == "progress":  # an event added to the contract later is skipped
-                    yield pb.GenerateEvent(progress=event.progress)
-        except grpc.RpcError as exc:
-            raise _refusal_or(exc, time.perf_counter() - start, timeout) from None
-        raise RequestError(grpc.StatusCode.UNAVAILABLE, "the coordinator ended the document stream without its adapter")
-
-    def _coordinator_error(self, exc: grpc.RpcError, context: grpc.ServicerContext, ref: pb.AdapterRef) -> RequestError:
-        """The worker's documented status for a failed coordinator call."""
-        code, details = exc.code(), exc.details()
-        if code == grpc.StatusCode.NOT_FOUND and ref.WhichOneof("source") == "adapter_id":
-            return RequestError(
-                code, f"adapter {ref.adapter_id[:12]}… is neither resident nor known to the coordinator"
-            )
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-            return RequestError(code, f"coordinator: {details}")
-        if code == grpc.StatusCode.UNIMPLEMENTED:
-            return RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"coordinator: {details}")
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            after = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_MS, "")
-            retry_ms = int(after) if after.isdigit() and int(after) > 0 else BUSY_RETRY_MS
-            return RequestError(code, f"coordinator: {details}", retry_after_ms=retry_ms)
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and context.time_remaining() <= 0:
-            return RequestError(code, "the deadline passed while the adapter was being fetched")
-        return RequestError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"the adapter is not resident and the coordinator at {self.config.coordinator} cannot be reached "
-            f"({code.name}: {details})",
-        )
-
-
-def _refusal_or(exc: grpc.RpcError, elapsed: float, timeout: float) -> grpc.RpcError | RequestError:
-    """What a failed coordinator generation call stands for. Before the call's own deadline, DEADLINE_EXCEEDED is
-    the coordinator's refusal of a generation the time left is too short for, and its message says how much to
-    allow: no sign of a coordinator that cannot be reached."""
-    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < timeout:
-        return RequestError(exc.code(), f"coordinator: {exc.details()}")
-    return exc
+        """The coordinator's internalization of the request's document, its progress passed on as it comes."""
+        progress = self._require_coordinator().internalize(ref, context)
+        while True:
+            try:
+                event = next(progress)
+            except StopIteration as done:
+                return done.value
+            yield pb.GenerateEvent(progress=event)
 
 
 @dataclass
 class RunningWorker(RunningServer):
     servicer: WorkerServicer
-    channel: grpc.Channel | None
+    coordinator: CoordinatorClient | None
 
     def release(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
+        if self.coordinator is not None:
+            self.coordinator.close()
 
 
 def _check_config(config: WorkerConfig) -> None:
@@ -409,7 +337,13 @@ def start(config: WorkerConfig) -> RunningWorker:
     _check_config(config)
     host = check_listen(config.listen)
     config.security.credentials()  # unreadable certificates fail now, not after the model has loaded
-    channel = open_channel(config.coordinator, config.coordinator_security) if config.coordinator else None
+    coordinator = (
+        CoordinatorClient(
+            config.coordinator, config.coordinator_security, config.dtype, config.coordinator_timeout, BUSY_RETRY_MS
+        )
+        if config.coordinator
+        else None
+    )
     model_dir = model_cache.check_exported(config.model_dir) if config.model_dir else model_cache.prepare(config.base)
     decoder = OnnxDecoder(
         model_dir / model_cache.MODEL_FILE,
@@ -420,7 +354,7 @@ def start(config: WorkerConfig) -> RunningWorker:
         raise ConfigError(f"{model_dir} records no base model fingerprint: export it again with `--base`")
     tokenizer = ChatTokenizer(model_dir)
     store = AdapterStore(config.cache_dir, config.capacity_bytes, decoder.fingerprint)
-    servicer = WorkerServicer(config, decoder, tokenizer, store, channel)
+    servicer = WorkerServicer(config, decoder, tokenizer, store, coordinator)
     # Threads beyond the generation slots answer ListAdapters, Prefetch and refusals while generations run.
     server = create_server(metrics.COMPONENT, config.security, max_workers=config.max_concurrent + 8)
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
@@ -428,5 +362,12 @@ def start(config: WorkerConfig) -> RunningWorker:
         server, config.listen, config.security, [SERVICE], host, config.metrics_port
     )
     return RunningWorker(
-        metrics.COMPONENT, server, health_servicer, host, port, metrics_server, servicer=servicer, channel=channel
+        metrics.COMPONENT,
+        server,
+        health_servicer,
+        host,
+        port,
+        metrics_server,
+        servicer=servicer,
+        coordinator=coordinator,
     )

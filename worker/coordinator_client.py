@@ -1,0 +1,124 @@
+"""The worker's side of the Coordinator service: the one place the worker talks to the coordinator.
+
+It owns the channel and the stub, sends a request's settings (the adapters' dtype, a deadline within the worker's
+own), streams a document in and its progress back, and turns the coordinator's failures into the statuses the
+Worker service documents. The worker's servicer asks it for adapters and never sees the Coordinator protocol;
+resuming an interrupted transfer is the adapter store's job (`worker.adapter_store`), through `fetch_source`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator
+
+import grpc
+
+from loracast.grpc_errors import RETRY_AFTER_MS, RequestError
+from loracast.grpc_security import ClientSecurity, open_channel
+from loracast.v1 import loracast_pb2 as pb
+from loracast.v1 import loracast_pb2_grpc as pb_grpc
+from worker.adapter_store import ChunkSource
+
+DOCUMENT_CHUNK = 64 * 1024  # bytes per DocumentChunk sent to the coordinator
+
+
+def _document_chunks(ref: pb.AdapterRef, dtype: int) -> Iterator[pb.DocumentChunk]:
+    """The document in DocumentChunks, the request's settings in the first (the only one the coordinator reads)."""
+    for offset in range(0, len(ref.document), DOCUMENT_CHUNK):
+        chunk = pb.DocumentChunk(data=ref.document[offset : offset + DOCUMENT_CHUNK])
+        if offset == 0:
+            chunk.dtype = dtype
+            if ref.HasField("budget_seconds"):
+                chunk.budget_seconds = ref.budget_seconds
+        yield chunk
+
+
+def _refusal_or(exc: grpc.RpcError, elapsed: float, timeout: float) -> grpc.RpcError | RequestError:
+    """What a failed coordinator generation call stands for. Before the call's own deadline, DEADLINE_EXCEEDED is
+    the coordinator's refusal of a generation the time left is too short for, and its message says how much to
+    allow: no sign of a coordinator that cannot be reached."""
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < timeout:
+        return RequestError(exc.code(), f"coordinator: {exc.details()}")
+    return exc
+
+
+class CoordinatorClient:
+    """A channel to the coordinator at `target`. Each call takes the worker's own call (`context`): the coordinator
+    call ends within its deadline, and within `timeout` seconds (plus a document's budget). A coordinator that
+    refuses for load without saying when to retry is passed on with `busy_retry_ms`, the worker's own advice."""
+
+    def __init__(self, target: str, security: ClientSecurity, dtype: int, timeout: float, busy_retry_ms: int) -> None:
+        self.target = target
+        self.dtype = dtype  # of the adapters fetched
+        self.timeout = timeout
+        self.busy_retry_ms = busy_retry_ms
+        self._channel = open_channel(target, security)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _timeout(self, context: grpc.ServicerContext, budget_s: float = 0.0) -> float:
+        return min(context.time_remaining(), self.timeout + budget_s)
+
+    def fetch_source(self, context: grpc.ServicerContext) -> ChunkSource:
+        """FetchAdapter from an offset, as the adapter store asks for it."""
+
+        def fetch(adapter_id: str, offset: int):
+            request = pb.FetchAdapterRequest(adapter_id=adapter_id, dtype=self.dtype, offset=offset)
+            return self._stub.FetchAdapter(request, timeout=self._timeout(context))
+
+        return fetch
+
+    def describe(self, task: str, context: grpc.ServicerContext) -> pb.AdapterManifest:
+        """The manifest of the adapter the coordinator generates (or has cached) for a task description."""
+        request = pb.GenerateFromDescriptionRequest(description=task, dtype=self.dtype)
+        timeout, start = self._timeout(context), time.perf_counter()
+        try:
+            return self._stub.GenerateFromDescription(request, timeout=timeout).manifest
+        except grpc.RpcError as exc:
+            raise _refusal_or(exc, time.perf_counter() - start, timeout) from None
+
+    def internalize(
+        self, ref: pb.AdapterRef, context: grpc.ServicerContext
+    ) -> Generator[pb.InternalizeProgress, None, pb.AdapterManifest]:
+        """Forward the document in chunks (it stays in memory, never on disk or in a log), yield its progress, and
+        return its adapter's manifest."""
+        timeout, start = self._timeout(context, ref.budget_seconds), time.perf_counter()
+        call = self._stub.InternalizeDocument(_document_chunks(ref, self.dtype), timeout=timeout)
+        # Our caller going away ends the coordinator call too, which cancels a job nobody else waits for.
+        if not context.add_callback(call.cancel):
+            call.cancel()
+        try:
+            for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "result":
+                    return event.result.manifest
+                if kind == "progress":  # an event added to the contract later is skipped
+                    yield event.progress
+        except grpc.RpcError as exc:
+            raise _refusal_or(exc, time.perf_counter() - start, timeout) from None
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, "the coordinator ended the document stream without its adapter")
+
+    def error(self, exc: grpc.RpcError, context: grpc.ServicerContext, ref: pb.AdapterRef) -> RequestError:
+        """The worker's documented status for a failed coordinator call."""
+        code, details = exc.code(), exc.details()
+        if code == grpc.StatusCode.NOT_FOUND and ref.WhichOneof("source") == "adapter_id":
+            return RequestError(
+                code, f"adapter {ref.adapter_id[:12]}… is neither resident nor known to the coordinator"
+            )
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+            return RequestError(code, f"coordinator: {details}")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"coordinator: {details}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            after = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_MS, "")
+            retry_ms = int(after) if after.isdigit() and int(after) > 0 else self.busy_retry_ms
+            return RequestError(code, f"coordinator: {details}", retry_after_ms=retry_ms)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and context.time_remaining() <= 0:
+            return RequestError(code, "the deadline passed while the adapter was being fetched")
+        return RequestError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the adapter is not resident and the coordinator at {self.target} cannot be reached "
+            f"({code.name}: {details})",
+        )
