@@ -141,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             base=args.base,
             distill=DistillConfig(**({} if args.budget_seconds is None else {"budget_s": args.budget_seconds})),
             fictional=args.documents,
+            composites=args.composites,
             passages=args.passages,
             needles=args.needles,
             curve_documents=args.curve_documents,
@@ -354,6 +355,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="t2l: instances per task (default: all of them)")
     e.add_argument("--mtl", help="t2l: multi-task LoRA checkpoint (default: shipped)")
     e.add_argument("--documents", type=int, default=12, help="d2l: held-out fictional profiles")
+    e.add_argument("--composites", type=int, default=4, help="d2l: held-out ~512-token composites of profiles")
     e.add_argument("--passages", type=int, default=12, help="d2l: held-out reading-comprehension passages")
     e.add_argument("--needles", type=int, default=4, help="d2l: needle documents per length")
     e.add_argument("--curve-documents", type=int, default=6, help="d2l: profiles on the quality-time curve")
