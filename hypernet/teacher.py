@@ -11,8 +11,7 @@ hides the padding, positions continue from the prefix), so one batch holds quest
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +55,8 @@ def teach(
     k: int = 16,
     max_new_tokens: int = 48,
     batch_size: int = 16,
-    deadline: float | None = None,
-    between_batches: Callable[[], None] | None = None,
 ) -> list[Target]:
-    """Targets for `questions` in order. With `deadline` (a time.perf_counter() value) it stops after the first
-    batch that ends past it and returns the targets of the questions answered so far (a prefix).
-    `between_batches()` runs before each batch (it may raise to stop the job)."""
+    """Targets for `questions`, in order."""
     tok, model = base.tokenizer, base.model
     rows = [tok(chat_prompt(tok, teacher_turn(document, q)), add_special_tokens=False)["input_ids"] for q in questions]
     if not rows:
@@ -71,12 +66,8 @@ def teach(
     model(input_ids=torch.tensor([rows[0][:shared]]), cache=prefix_cache, use_cache=True)
     targets: list[Target] = []
     for start in range(0, len(rows), batch_size):
-        if between_batches is not None:
-            between_batches()
         suffixes = [r[shared:] for r in rows[start : start + batch_size]]
         targets += _decode(base, prefix_cache, shared, suffixes, k, max_new_tokens)
-        if deadline is not None and time.perf_counter() > deadline:
-            break
     return targets
 
 

@@ -28,7 +28,10 @@ DOC = (
     "Mara Quintell was born on 4 March 1961. She grew up in Velmora and studied at the University of Ostrand. "
     "Quintell works for a company called Brisk Harbor, which has 6,120 employees and earned $12.5 million in 2019."
 )
-TINY = DistillConfig(budget_s=30, max_steps=3, batch_size=4, max_new_tokens=4, top_k=4, lr=1e-2, frozen_share=0)
+# budget_s is a ceiling only: max_steps ends these jobs, on a busy machine too.
+TINY = DistillConfig(
+    budget_s=300, max_steps=3, batch_size=4, max_new_tokens=4, top_k=4, lr=1e-2, frozen_share=0, teacher_share=1.0
+)
 
 
 def test_the_probe_writer_is_deterministic_and_covers_names_dates_and_numbers():
@@ -198,3 +201,26 @@ def test_the_default_budget_grows_with_the_document(tiny_d2l, tiny_base):
     assert generator.budget_for(None, short) == 10
     assert generator.budget_for(None, long) > 10 * 2
     assert generator.budget_for(5, long) == 5  # a budget asked for is kept
+
+
+def test_a_teacher_cut_short_by_its_share_of_the_budget_still_covers_every_window(tiny_base, wrappers, monkeypatch):
+    long_doc = " ".join(f"Kelvar {i} was founded in {1800 + i}." for i in range(60))
+    monkeypatch.setattr(windows, "__defaults__", (64,))
+    monkeypatch.setattr("hypernet.self_distill.TEACHER_BATCH", 2)
+    taught: list[str] = []
+    real = teach
+
+    def first_batches_only(base, text, questions, *args):
+        taught.append(text)
+        return real(base, text, questions, *args)
+
+    monkeypatch.setattr("hypernet.self_distill.teach", first_batches_only)
+    cfg = replace(TINY, budget_s=1e-3, max_steps=1)  # the teacher's deadline passes before its first batch
+    _, report = distill_document(tiny_base, wrappers, long_doc, lambda: zero_start(wrappers, 4), cfg)
+    assert report.probes > 0 and report.taught == 0 and taught == [] and report.steps == 0
+
+    cfg = replace(TINY, max_steps=1)
+    taught.clear()
+    _, report = distill_document(tiny_base, wrappers, long_doc, lambda: zero_start(wrappers, 4), cfg)
+    first_round = taught[: len(windows(long_doc, lambda t: len(tiny_base.tokenizer(t)["input_ids"])))]
+    assert len(set(first_round)) == len(first_round) > 1  # the first batches go to different windows

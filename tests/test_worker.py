@@ -155,6 +155,7 @@ class ScriptedCoordinator(pb_grpc.CoordinatorServicer):
         self.described: list[str] = []
         # (chunks, the first chunk's dtype and budget) per InternalizeDocument
         self.documents: list[tuple[int, int, float | None]] = []
+        self.document_deadlines: list[float] = []  # seconds each InternalizeDocument call had left when it came
         self.abandoned = threading.Event()  # an InternalizeDocument caller went away while it was held
         self.faults: list = []
         self.gate: threading.Event | None = None
@@ -189,6 +190,7 @@ class ScriptedCoordinator(pb_grpc.CoordinatorServicer):
         chunks = list(request_iterator)
         budget = chunks[0].budget_seconds if chunks[0].HasField("budget_seconds") else None
         self.documents.append((len(chunks), chunks[0].dtype, budget))
+        self.document_deadlines.append(context.time_remaining())
         yield pb.InternalizeEvent(progress=pb.InternalizeProgress(phase="start", estimate_seconds=budget or 0.0))
         if self.gate is not None:
             self.entered.set()
@@ -570,7 +572,11 @@ def test_a_documents_budget_goes_to_the_coordinator_and_its_progress_comes_back_
     progress.clear()
     assert ask(stub, pb.AdapterRef(document=document, budget_seconds=2.5), progress=progress)[0].resident
     assert progress == []
-    ask(stub, pb.AdapterRef(document=document))
+    # With no budget the coordinator's default applies, which grows with the document: the worker does not cut the
+    # call at its own coordinator timeout (120 s) but lets the caller's deadline decide.
+    list(stub.Generate(pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(document=document)), timeout=1000))
+    assert script.document_deadlines[-1] > 900
+    assert script.document_deadlines[0] < 130  # a budget of 2.5 s: the worker's own timeout plus the budget
     ask(stub, pb.AdapterRef(document=document, budget_seconds=0.0))
     assert script.documents == [(1, pb.FLOAT16, 2.5), (1, pb.FLOAT16, None), (1, pb.FLOAT16, 0.0)]
     prefetch = pb.PrefetchRequest(adapters=[pb.AdapterRef(document=document, budget_seconds=9.0)])

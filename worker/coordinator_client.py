@@ -42,6 +42,11 @@ def _refusal_or(exc: grpc.RpcError, elapsed: float, timeout: float) -> grpc.RpcE
     return exc
 
 
+# A document sent without a budget gets the coordinator's default, which grows with its length (at most an hour):
+# the worker cannot know it, so it allows the most; the caller's own deadline still bounds the call.
+DEFAULT_BUDGET_ALLOWANCE_S = 3600.0
+
+
 class CoordinatorClient:
     """A channel to the coordinator at `target`. Each call takes the worker's own call (`context`): the coordinator
     call ends within its deadline, and within `timeout` seconds (plus a document's budget). A coordinator that
@@ -84,7 +89,8 @@ class CoordinatorClient:
     ) -> Generator[pb.InternalizeProgress, None, pb.AdapterManifest]:
         """Forward the document in chunks (it stays in memory, never on disk or in a log), yield its progress, and
         return its adapter's manifest."""
-        timeout, start = self._timeout(context, ref.budget_seconds), time.perf_counter()
+        budget = ref.budget_seconds if ref.HasField("budget_seconds") else DEFAULT_BUDGET_ALLOWANCE_S
+        timeout, start = self._timeout(context, budget), time.perf_counter()
         call = self._stub.InternalizeDocument(_document_chunks(ref, self.dtype), timeout=timeout)
         # Our caller going away ends the coordinator call too, which cancels a job nobody else waits for.
         if not context.add_callback(call.cancel):
