@@ -21,6 +21,17 @@ def real_base() -> base_model.BaseModel:
     return base_model.load()
 
 
+def _gold_answers(base: base_model.BaseModel, doc: d2l_data.Document) -> dict[str, torch.Tensor]:
+    """Each question alone in the prompt, teacher-forced on its gold answer: the batch answer_loss scores."""
+    tok = base.tokenizer
+    rows = []
+    for qa in doc.qas:
+        prompt = tok(chat_prompt(tok, qa.question), add_special_tokens=False)["input_ids"]
+        answer_ids = tok(qa.answer, add_special_tokens=False)["input_ids"]
+        rows.append((prompt + answer_ids, [-100] * len(prompt) + answer_ids))
+    return collate(rows, tok.pad_token_id or 0)
+
+
 def test_shipped_t2l_adapter_loads_in_peft_and_changes_the_answer(real_base, tmp_path):
     generator = TextToLoRAGenerator(base=real_base)  # refuses a checkpoint trained for another base
     description = "Classify the sentiment of a product review as positive or negative."
@@ -55,13 +66,7 @@ def test_shipped_d2l_adapter_holds_facts_of_an_unseen_document(real_base, tmp_pa
     assert meta["loracast.document_sha256"] and doc.text not in (out / "adapter_config.json").read_text()
     adapter = to_torch(stored)
 
-    tok = real_base.tokenizer
-    rows = []
-    for qa in doc.qas:
-        prompt = tok(chat_prompt(tok, qa.question), add_special_tokens=False)["input_ids"]
-        answer_ids = tok(qa.answer, add_special_tokens=False)["input_ids"]
-        rows.append((prompt + answer_ids, [-100] * len(prompt) + answer_ids))
-    batch = collate(rows, tok.pad_token_id or 0)
+    batch = _gold_answers(real_base, doc)
     wrappers = inject(real_base.model, spec)
     with torch.no_grad():
         with applied(wrappers, adapter):
@@ -85,13 +90,7 @@ def test_self_distillation_makes_the_real_model_recall_a_document_it_never_saw(r
     distilled = generator.internalize(doc.text, budget_s=30, on_progress=lambda p: phases.append(p.phase))
     assert phases[0] == "start" and phases[-1] == "done" and "distill" in phases
 
-    tok = real_base.tokenizer
-    rows = []
-    for qa in doc.qas:
-        prompt = tok(chat_prompt(tok, qa.question), add_special_tokens=False)["input_ids"]
-        answer_ids = tok(qa.answer, add_special_tokens=False)["input_ids"]
-        rows.append((prompt + answer_ids, [-100] * len(prompt) + answer_ids))
-    batch = collate(rows, tok.pad_token_id or 0)
+    batch = _gold_answers(real_base, doc)
     with torch.no_grad():
         with applied(generator.wrappers, one_pass):
             before = answer_loss(real_base.model, batch).item()
