@@ -98,7 +98,9 @@ class Internalizer(DocToLoRAGenerator):
 
     def __init__(self, path: Path, base, budget_s: float = 2.0, hold: str | None = None) -> None:
         # Short teacher answers leave most of a 2-second budget to training steps (tens of them on 2 busy cores).
-        super().__init__(path, base, distill=DistillConfig(budget_s=budget_s, max_steps=50, max_new_tokens=8, teacher_share=1.0))
+        super().__init__(
+            path, base, distill=DistillConfig(budget_s=budget_s, max_steps=50, max_new_tokens=8, teacher_share=1.0)
+        )
         self.hold, self.gate, self.held = hold, threading.Event(), threading.Event()
         self.budgets: list[float | None] = []
         self.outcomes: list[str] = []
