@@ -27,16 +27,18 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from transformers.masking_utils import create_causal_mask
 
 from hypernet import probes as probe_writer
-from hypernet.sni_data import chat_prompt, collate
+from hypernet.d2l import encode
+from hypernet.sni_data import collate
 from hypernet.t2l import Adapter
-from hypernet.teacher import Target, teach, topk_kl
+from hypernet.teacher import Target, student_rows, teach, topk_kl
 from loracast.base_model import BaseModel
 from loracast.lora import LoRALinear, applied
 
@@ -102,12 +104,7 @@ class FrozenBelow:
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], first_layer: int) -> None:
         self.model, self.first_layer = model, first_layer
         self.batch = batch
-        inner = model.model
-        with torch.no_grad():
-            hidden = inner.embed_tokens(batch["input_ids"])
-            for layer in inner.layers[:first_layer]:
-                hidden = layer(hidden, **self._layer_kwargs(hidden, batch["attention_mask"]))
-        self.hidden = hidden
+        self.hidden = encode(model, batch["input_ids"], batch["attention_mask"], first_layer)
 
     def _layer_kwargs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         inner = self.model.model
@@ -253,14 +250,10 @@ def _train(
     clock: _Clock,
     on_step: Callable[[int, float, Adapter], None] | None,
 ) -> tuple[Adapter, int, list[float], float]:
-    tok = base.tokenizer
-    rows = []
-    for q, t in zip(questions, targets, strict=True):
-        prompt = tok(chat_prompt(tok, q), add_special_tokens=False)["input_ids"]
-        rows.append((prompt + t.answer_ids.tolist(), [-100] * len(prompt) + t.answer_ids.tolist()))
+    rows = student_rows(base.tokenizer, questions, targets)
     if not rows:
         return adapter, 0, [], 0.0
-    batch = collate(rows, tok.pad_token_id or 0)
+    batch = collate(rows, base.tokenizer.pad_token_id or 0)
     first_layer = int(cfg.frozen_share * len(base.model.model.layers))
     trained = {k for k in adapter if k[0] >= first_layer}
     params = {k: (a.requires_grad_(k in trained), b.requires_grad_(k in trained)) for k, (a, b) in adapter.items()}
@@ -335,16 +328,10 @@ class _Clock:
             estimate = elapsed
         self.on_progress(Progress(phase, step, loss, elapsed, max(elapsed, estimate)))
 
-    def paused(self) -> _Paused:
-        return _Paused(self)
-
-
-class _Paused:
-    def __init__(self, clock: _Clock) -> None:
-        self.clock = clock
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.clock.excluded += time.perf_counter() - self.start
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start

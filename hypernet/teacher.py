@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from hypernet.sni_data import chat_prompt, user_turn
 from loracast.base_model import BaseModel
@@ -69,6 +69,19 @@ def teach(
         suffixes = [r[shared:] for r in rows[start : start + batch_size]]
         targets += _decode(base, prefix_cache, shared, suffixes, k, max_new_tokens)
     return targets
+
+
+def student_rows(
+    tok: PreTrainedTokenizerBase, questions: Sequence[str], targets: Sequence[Target]
+) -> list[tuple[list[int], list[int]]]:
+    """The student's side: per question, the question alone in the user turn, teacher-forced on the teacher's
+    answer, as (token ids, labels) with the prompt masked out."""
+    rows = []
+    for question, t in zip(questions, targets, strict=True):
+        prompt = tok(chat_prompt(tok, question), add_special_tokens=False)["input_ids"]
+        answer = t.answer_ids.tolist()
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    return rows
 
 
 def _common_prefix(rows: Sequence[Sequence[int]]) -> int:

@@ -32,19 +32,16 @@ from typing import Protocol
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from hypernet import checkpoint, d2l_data
 from hypernet.d2l import D2LConfig, DocToLoRA, chunk_ids, encode, pad_chunks
-from hypernet.sni_data import chat_prompt, collate
-from hypernet.teacher import Target, teach, teacher_turn, topk_kl
+from hypernet.sni_data import collate
+from hypernet.teacher import Target, student_rows, teach, teacher_turn, topk_kl
 from hypernet.train_t2l import answer_logits, lr_at
 from loracast import base_model
 from loracast.base_model import BaseModel
 from loracast.lora import LoraSpec, inject, set_adapter, targets_of
 from loracast.paths import replacing
-
-Example = tuple[list[int], list[int]]  # token ids, labels (-100 where no loss)
 
 TEACHER_FORMAT = 1  # part of every cache key: bump when what the teacher computes changes
 
@@ -132,17 +129,6 @@ class TeacherCache:
         return targets
 
 
-def student_rows(tok: PreTrainedTokenizerBase, document: DocumentLike, targets: Sequence[Target]) -> list[Example]:
-    """The student's side of a document: per question, the question alone in the user turn, teacher-forced
-    on the teacher's answer, as (token ids, labels) with the prompt masked out."""
-    rows = []
-    for qa, t in zip(document.qas, targets, strict=True):
-        prompt = tok(chat_prompt(tok, qa.question), add_special_tokens=False)["input_ids"]
-        answer = t.answer_ids.tolist()
-        rows.append((prompt + answer, [-100] * len(prompt) + answer))
-    return rows
-
-
 def build_model(spec: LoraSpec, model: torch.nn.Module, args: TrainArgs) -> DocToLoRA:
     targets = targets_of(model, spec)
     cfg = D2LConfig(
@@ -201,7 +187,10 @@ def train(args: TrainArgs, documents: Sequence[DocumentLike] | None = None) -> d
     cfg = hyper.cfg
     doc_chunks = [chunk_ids(tok, d.text, cfg.chunk_tokens) for d in documents]
     # Student examples: the question alone in the user turn, teacher-forced on the teacher's answer.
-    students = [student_rows(tok, doc, doc_targets) for doc, doc_targets in zip(documents, targets, strict=True)]
+    students = [
+        student_rows(tok, [qa.question for qa in doc.qas], doc_targets)
+        for doc, doc_targets in zip(documents, targets, strict=True)
+    ]
     pad_id = tok.pad_token_id or 0
     opt = torch.optim.AdamW(hyper.parameters(), lr=args.lr, weight_decay=0.01)
 
