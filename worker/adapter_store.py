@@ -34,7 +34,6 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from loracast import adapter_wire
-from loracast.grpc_errors import RequestError
 from loracast.lora_spec import LoraSpec
 from loracast.paths import TEMP_SUFFIX, write_file
 from loracast.v1 import loracast_pb2 as pb
@@ -61,8 +60,26 @@ ChunkSource = Callable[[str, int], Iterable[pb.AdapterChunk]]
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-class StoreError(RequestError):
-    """An adapter cannot be installed or used; `code` is the gRPC status the worker answers with."""
+class StoreError(Exception):
+    """An adapter cannot be installed or used; the message says why and what to do. The worker's servicer maps
+    each kind below to the status it answers with."""
+
+
+class NotResident(StoreError):
+    """The adapter is not installed and there is no source to fetch it from."""
+
+
+class AdapterRejected(StoreError):
+    """What the coordinator sent cannot be installed here (a bad manifest, another base model, larger than the
+    whole cache, or bytes that fail verification twice): asking again will not help."""
+
+
+class TransferBroken(StoreError):
+    """The transfer broke more times than it is retried; what arrived is kept for the next call to resume."""
+
+
+class DiskFull(StoreError):
+    """The cache directory's disk is full; what the transfer had written is deleted."""
 
 
 @dataclass(frozen=True)
@@ -255,21 +272,18 @@ class AdapterStore:
         share one transfer. `manifest` (from GenerateFromDescription) lets a wrong base be refused before any
         data is asked for; without it the stream's own manifest is checked first.
 
-        Raises StoreError, or the source's grpc.RpcError when retrying cannot help (NOT_FOUND, auth, a deadline).
+        Raises WireError for a malformed id, a StoreError, or the source's grpc.RpcError when retrying cannot help
+        (NOT_FOUND, auth, a deadline).
         """
-        try:
-            adapter_wire.check_adapter_id(adapter_id)
-        except adapter_wire.WireError as exc:
-            raise StoreError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        adapter_wire.check_adapter_id(adapter_id)
         found = self.get(adapter_id)
         if found is not None:
             metrics.CACHE_HITS.inc()
             return found
         metrics.CACHE_MISSES.inc()
         if source is None:
-            raise StoreError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"adapter {_short(adapter_id)} is not resident and this worker has no coordinator to fetch it from",
+            raise NotResident(
+                f"adapter {_short(adapter_id)} is not resident and this worker has no coordinator to fetch it from"
             )
         with self._lock:
             transfer = self._inflight.get(adapter_id)
@@ -297,25 +311,20 @@ class AdapterStore:
         try:
             adapter_wire.check_manifest(manifest)
         except adapter_wire.WireError as exc:
-            raise StoreError(
-                grpc.StatusCode.FAILED_PRECONDITION, f"the coordinator sent a bad manifest: {exc}"
-            ) from exc
+            raise AdapterRejected(f"the coordinator sent a bad manifest: {exc}") from exc
         if manifest.adapter_id != adapter_id:
-            raise StoreError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"asked for adapter {_short(adapter_id)}, the coordinator sent {_short(manifest.adapter_id)}",
+            raise AdapterRejected(
+                f"asked for adapter {_short(adapter_id)}, the coordinator sent {_short(manifest.adapter_id)}"
             )
         if manifest.base_fingerprint != self.fingerprint:
-            raise StoreError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise AdapterRejected(
                 f"adapter {_short(adapter_id)} was made for base model {manifest.base_fingerprint[:12]}…, this worker "
-                f"serves {self.fingerprint[:12]}…: point the worker at a coordinator for the same base model",
+                f"serves {self.fingerprint[:12]}…: point the worker at a coordinator for the same base model"
             )
         if manifest.total_size > self.capacity_bytes:
-            raise StoreError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise AdapterRejected(
                 f"adapter {_short(adapter_id)} has {manifest.total_size} bytes, more than this worker's whole adapter "
-                f"cache ({self.capacity_bytes} bytes): raise --capacity-mb",
+                f"cache ({self.capacity_bytes} bytes): raise --capacity-mb"
             )
 
     def _start_partial(self, adapter_id: str, manifest: pb.AdapterManifest) -> None:
@@ -330,10 +339,9 @@ class AdapterStore:
                 raise
             for leftover in (f"{adapter_id}.part", f"{adapter_id}.manifest", f"{adapter_id}.staging"):
                 _remove(self._partial / leftover)
-            raise StoreError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise DiskFull(
                 f"the worker's disk is full: adapter {_short(adapter_id)} cannot be stored in {self.root} "
-                f"({exc.strerror}); free space there or lower --capacity-mb",
+                f"({exc.strerror}); free space there or lower --capacity-mb"
             ) from None
 
     def _transfer(self, adapter_id: str, source: ChunkSource, manifest: pb.AdapterManifest | None) -> Resident:
@@ -372,9 +380,7 @@ class AdapterStore:
                     part.unlink()
                     if restarted:
                         stored.unlink()
-                        raise StoreError(
-                            grpc.StatusCode.FAILED_PRECONDITION, f"{exc}; it failed again from scratch: not installed"
-                        ) from None
+                        raise AdapterRejected(f"{exc}; it failed again from scratch: not installed") from None
                     print(f"worker: {exc}; fetching it again from offset 0", file=sys.stderr, flush=True)
                     restarted = True
                     continue
@@ -383,10 +389,9 @@ class AdapterStore:
                 return Resident(manifest, adapter, spec, was_resident=False)
             failures += 1
             if failures > self.retries:
-                raise StoreError(
-                    grpc.StatusCode.UNAVAILABLE,
+                raise TransferBroken(
                     f"adapter {_short(adapter_id)}: the transfer broke {failures} times (last: {problem}); "
-                    "what arrived is kept, ask again to resume",
+                    "what arrived is kept, ask again to resume"
                 )
             print(f"worker: adapter {_short(adapter_id)}: {problem}; resuming", file=sys.stderr, flush=True)
 

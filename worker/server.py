@@ -29,11 +29,13 @@ from collections import OrderedDict
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import NoReturn
 
 import grpc
 
 from loracast import adapter_wire
+from loracast.adapter_wire import WireError
 from loracast.errors import ConfigError
 from loracast.grpc_errors import RequestError, abort
 from loracast.grpc_security import ClientSecurity, ServerSecurity
@@ -42,7 +44,7 @@ from loracast.paths import DEFAULT_BASE
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 from worker import metrics, model_cache
-from worker.adapter_store import AdapterStore, Resident
+from worker.adapter_store import AdapterRejected, AdapterStore, DiskFull, NotResident, Resident, TransferBroken
 from worker.chat import ChatTokenizer
 from worker.coordinator_client import CoordinatorClient
 from worker.onnx_session import OnnxDecoder
@@ -75,8 +77,20 @@ class WorkerConfig:
     security: ServerSecurity = field(default_factory=ServerSecurity)
 
 
+# What the adapter store's errors answer with (a RequestError carries its status itself).
+_STATUSES = MappingProxyType(
+    {
+        WireError: grpc.StatusCode.INVALID_ARGUMENT,
+        NotResident: grpc.StatusCode.UNAVAILABLE,
+        AdapterRejected: grpc.StatusCode.FAILED_PRECONDITION,
+        TransferBroken: grpc.StatusCode.UNAVAILABLE,
+        DiskFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
-    abort(context, exc, metrics.COMPONENT)
+    abort(context, exc, metrics.COMPONENT, _STATUSES)
 
 
 def _text_key(kind: str, data: bytes) -> str:
@@ -154,10 +168,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "budget_seconds is for a document: leave it unset for a task or id"
             )
         if kind == "adapter_id":
-            try:
-                adapter_wire.check_adapter_id(ref.adapter_id)
-            except adapter_wire.WireError as exc:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            adapter_wire.check_adapter_id(ref.adapter_id)
 
     def _check(self, request: pb.GenerateRequest) -> int:
         """Refuse what cannot be served before any work; returns the number of tokens to generate at most."""
