@@ -41,6 +41,7 @@ class Task:
     name: str
     definition: str
     instances: tuple[Instance, ...]
+    categories: tuple[str, ...] = ()
 
 
 def default_data_dir() -> Path | None:
@@ -70,7 +71,8 @@ def load_tasks(data_dir: Path, split: str) -> list[Task]:
                 Instance(i["input"], i["output"], tuple(i.get("all_outputs") or [i["output"]]))
                 for i in raw["instances"]
             )
-            tasks.append(Task(raw["task"], raw["definition"].strip(), instances))
+            categories = tuple(str(c) for c in raw.get("categories") or ())
+            tasks.append(Task(raw["task"], raw["definition"].strip(), instances, categories))
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise DataError(f"{path}: not an SNI task file ({exc!r})") from exc
     return tasks
@@ -78,18 +80,59 @@ def load_tasks(data_dir: Path, split: str) -> list[Task]:
 
 def data_hash(data_dir: Path, split: str) -> str:
     """SHA-256 over the split's files (names and bytes), recorded with a trained checkpoint."""
+    return files_hash(task_files(data_dir, split))
+
+
+def files_hash(paths: list[Path]) -> str:
     h = hashlib.sha256()
-    for path in task_files(data_dir, split):
+    for path in paths:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
 
+def description_files(data_dir: Path, tasks: list[Task]) -> list[Path]:
+    """The anchor's description files (`sni/descriptions/<task>.json`) of those of `tasks` that have one.
+
+    Refuses a data directory that holds one for a dev task: dev descriptions are validation only.
+    """
+    folder = Path(data_dir) / "sni" / "descriptions"
+    present = {p.stem for p in folder.glob("*.json")}
+    dev = {p.stem for p in (Path(data_dir) / "sni" / "dev").glob("*.json")}
+    if leaked := sorted(present & dev):
+        raise DataError(f"{folder}: describes dev tasks {leaked[:3]}; dev is validation only, remove those files")
+    return [folder / f"{t.name}.json" for t in tasks if t.name in present]
+
+
+def load_descriptions(data_dir: Path, tasks: list[Task]) -> dict[str, list[str]]:
+    """The anchor's descriptions (Text-to-LoRA's GPT-4o-written ones, 200 per task) of the tasks that have them."""
+    out = {}
+    for path in description_files(data_dir, tasks):
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            texts = [str(d).strip() for d in raw["descriptions"]]
+            named = raw["task"]
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: not a description file {{'task', 'descriptions': [...]}} ({exc!r})") from exc
+        if named != path.stem or not texts or not all(texts):
+            raise DataError(f"{path}: must name task {path.stem} and hold non-empty descriptions")
+        out[path.stem] = texts
+    return out
+
+
+def description_pool(task: Task, *sources: dict[str, list[str]]) -> list[str]:
+    """Every description a training task has: its SNI definition first, then each source's for it, in order.
+
+    Training draws one of them uniformly per example, as the anchor does from its 128 per task.
+    """
+    return [task.definition] + [text for source in sources for text in source.get(task.name, [])]
+
+
 def description_variants(definition: str, n: int, rng: random.Random) -> list[str]:
     """The definition itself plus n-1 variants that each keep a random subset of its sentences.
 
-    SNI has one description per task; the anchor trains on several paraphrases per task. Sentence
-    subsets are a cheap stand-in that keeps the hypernetwork from memorizing 151 exact embeddings.
+    A second description of a task made from its definition alone (bench/encoder_choice.py asks whether an
+    encoder puts it near the first); training draws from `description_pool` instead.
     """
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", definition) if s]
     variants = [definition]
