@@ -90,7 +90,7 @@ def launch_coordinator(
 
 
 def worker_command(
-    *, model_dir: Path, base_dir: Path, cache_dir: Path, coordinator: str, max_concurrent: int = 2
+    *, model_dir: Path, base_dir: Path, cache_dir: Path, coordinator: str, max_concurrent_answers: int = 2
 ) -> list[str]:
     """`loracast` arguments of a worker serving the exported tiny Llama with one ONNX Runtime thread."""
     argv = worker_argv(
@@ -101,7 +101,7 @@ def worker_command(
         capacity_mb=64,
         base=str(base_dir),
     )
-    return [*argv, "--model", str(model_dir), "--threads", "1", "--max-concurrent", str(max_concurrent)]
+    return [*argv, "--model", str(model_dir), "--threads", "1", "--max-concurrent-answers", str(max_concurrent_answers)]
 
 
 def launch_worker(log_dir: Path, name: str, **command: Any) -> ServerProcess:

@@ -492,7 +492,7 @@ def test_hot_swap_and_merged_match_pytorch_peft_with_the_received_adapter(
 def test_concurrent_generations_with_different_adapters_each_keep_their_own(coordinator, start_worker, connect, wires):
     script, target, _ = coordinator
     refs = [pb.AdapterRef(adapter_id=script.add(wires[name])) for name in ("a", "b", "c")] + [None]
-    stub = connect(start_worker(coordinator=target, max_concurrent=8))
+    stub = connect(start_worker(coordinator=target, max_concurrent_answers=8))
     alone = [ask(stub, ref, max_new_tokens=24)[1] for ref in refs]
     assert len(set(alone)) == len(alone), "each adapter must answer differently for this test to mean anything"
     with futures.ThreadPoolExecutor(8) as pool:
@@ -698,7 +698,7 @@ def test_a_saturated_worker_refuses_with_resource_exhausted_and_retry_after(coor
     script, target, _ = coordinator
     script.add(wires["a"], TASK.encode())
     script.gate = threading.Event()
-    stub = connect(start_worker(coordinator=target, max_concurrent=1))
+    stub = connect(start_worker(coordinator=target, max_concurrent_answers=1))
     with futures.ThreadPoolExecutor(1) as pool:
         first = pool.submit(ask, stub, pb.AdapterRef(task=TASK))
         assert script.entered.wait(WAIT)  # the first generation holds the only slot, waiting on the coordinator

@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         base=args.base,
         model_dir=optional_path(args.model),
         max_new_tokens=args.max_new_tokens,
-        max_concurrent=args.max_concurrent,
+        max_concurrent_answers=args.max_concurrent_answers,
         intra_op_threads=args.threads,
         int8_activations=args.int8_activations,
         security=security,
@@ -114,7 +114,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--capacity-mb", type=float, default=256.0, help="adapter cache size on disk")
     _model_options(s)
     s.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens a request may ask for")
-    s.add_argument("--max-concurrent", type=int, default=2, help="generations in flight; more get RESOURCE_EXHAUSTED")
+    s.add_argument(
+        "--max-concurrent-answers",
+        type=int,
+        default=2,
+        help="Generate calls decoding at once; more get RESOURCE_EXHAUSTED",
+    )
     s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per run (0: one per core)")
     s.add_argument(
         "--int8-activations",

@@ -66,7 +66,7 @@ class WorkerConfig:
     model_dir: Path | None = None  # an exported model directory instead of `base` (no export, no torch ever)
     max_new_tokens: int = 512  # the most a request may ask for
     default_new_tokens: int = 128  # when a request says 0
-    max_concurrent: int = 2  # generations in flight; more are refused with RESOURCE_EXHAUSTED
+    max_concurrent_answers: int = 2  # Generate calls decoding at once; more are refused with RESOURCE_EXHAUSTED
     merged_sessions: int = 1  # merged-adapter sessions kept (each holds a copy of the model's weights)
     dtype: int = pb.FLOAT16  # of the adapters fetched
     intra_op_threads: int = 0  # ONNX Runtime threads per run; 0: one per physical core
@@ -117,7 +117,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.tokenizer = tokenizer
         self.store = store
         self._coordinator = coordinator
-        self._slots = threading.BoundedSemaphore(config.max_concurrent)
+        self._slots = threading.BoundedSemaphore(config.max_concurrent_answers)
         self._swap = threading.Lock()  # set_adapter and the start of generate() happen as one step
         self._merged: OrderedDict[str, OnnxDecoder] = OrderedDict()
         self._merged_lock = threading.Lock()
@@ -191,7 +191,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if not self._slots.acquire(blocking=False):
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this worker already runs {self.config.max_concurrent} generations, its maximum: retry later",
+                f"this worker already runs {self.config.max_concurrent_answers} generations, its maximum: retry later",
                 retry_after_ms=BUSY_RETRY_MS,
             )
         try:
@@ -339,8 +339,8 @@ class RunningWorker(RunningServer):
 def _check_config(config: WorkerConfig) -> None:
     if config.capacity_bytes <= 0:
         raise ConfigError(f"the adapter cache capacity must be positive, not {config.capacity_bytes} bytes")
-    if config.max_concurrent < 1 or config.max_new_tokens < 1 or config.merged_sessions < 1:
-        raise ConfigError("max concurrent generations, max new tokens and merged sessions must be at least 1")
+    if config.max_concurrent_answers < 1 or config.max_new_tokens < 1 or config.merged_sessions < 1:
+        raise ConfigError("max concurrent answers, max new tokens and merged sessions must be at least 1")
 
 
 def start(config: WorkerConfig) -> RunningWorker:
@@ -367,7 +367,7 @@ def start(config: WorkerConfig) -> RunningWorker:
     store = AdapterStore(config.cache_dir, config.capacity_bytes, decoder.fingerprint)
     servicer = WorkerServicer(config, decoder, tokenizer, store, coordinator)
     # Threads beyond the generation slots answer ListAdapters, Prefetch and refusals while generations run.
-    server = create_server(metrics.COMPONENT, config.security, max_workers=config.max_concurrent + 8)
+    server = create_server(metrics.COMPONENT, config.security, max_workers=config.max_concurrent_answers + 8)
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     port, health_servicer, metrics_server = serve(
         server, config.listen, config.security, [SERVICE], host, config.metrics_port
