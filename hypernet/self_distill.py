@@ -1,9 +1,9 @@
 """Test-time self-distillation: a document's adapter, refined for a time budget on probes written from it.
 
     probes   = write_probes(document)                              hypernet/probes.py, from the text alone
-    targets  = teacher(base | document in prompt, probes)          hypernet/teacher.py, once per document
     adapter  = start                                               the hypernetwork's pass (or zero, or a mean)
     repeat until the budget, `max_steps` or a flat probe loss:
+        targets += teacher(base | document in prompt, next probes) hypernet/teacher.py, each probe once
         loss = KL(targets || base + adapter | probe alone)         top-k KL, or cross-entropy on the answers
         adapter -= Adam step
 
@@ -14,12 +14,13 @@ output is computed once (`FrozenBelow`) and each step runs and back-propagates t
 (`frozen_share` of the layers are frozen: 12 of SmolLM2's 30 by default).
 
 The budget counts everything from the document's arrival: the one pass, the probe writer, the teacher and
-the training steps. The teacher takes batches of probes (family by family in turn) until `teacher_share` of
-the budget has passed, so a long document keeps time to train (measured: 105 probes of a 524-token document
-took 53 of 61 s, leaving 3 steps). When the teacher finishes sooner, only training stops at the budget,
-and a job with budget t returns what a longer job holds after t seconds: one long run gives the curve.
-Progress goes to `on_progress`; `cancelled()` is polled between steps and teacher batches and raises
-`Cancelled`.
+the training steps. Teacher and student take turns: the teacher answers a batch of probes (a batch from each
+window in turn) whenever the student has too few rows or the teacher has used less than `teacher_share` of the
+time so far, and stops at `teacher_share` of the budget, so a long document keeps time to train; the student
+trains on what has been answered, newest rows first. Learning starts after one batch rather than after the
+whole teacher (measured on three design profiles: 13.7 vs 0 answer-contained at 15 s, 39.9 vs 14.3 at 60 s).
+A job with budget t returns what a longer job holds after t seconds: one long run gives the curve. Progress
+goes to `on_progress`; `cancelled()` is polled between steps and teacher batches and raises `Cancelled`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from hypernet import probes as probe_writer
 from hypernet.d2l import encode
 from hypernet.sni_data import collate
 from hypernet.t2l import Adapter
-from hypernet.teacher import Target, student_rows, teach, topk_kl
+from hypernet.teacher import Target, Teacher, student_rows, teach, topk_kl
 from loracast.base_model import BaseModel
 from loracast.lora import LoRALinear, applied
 
@@ -46,6 +48,7 @@ LOSSES = ("kl", "ce")
 TEACHER_BATCH = 16  # probes decoded together: bigger batches are faster per probe, smaller ones stop sooner
 WINDOW_TOKENS = 1024  # the most document the teacher reads at once: longer documents are taught window by window
 MAX_ROWS = 2048  # training rows kept per document (their frozen-below states are held in memory)
+KEPT_TEACHERS = 4  # texts whose prefix stays cached between teacher batches (~47 MB each for 1,024 tokens)
 PHASES = ("start", "probes", "teacher", "distill", "done")
 
 
@@ -99,12 +102,39 @@ class Report:
 
 
 class FrozenBelow:
-    """The probe rows' hidden states after the frozen layers below `first_layer`, computed once."""
+    """Training rows and their hidden states after the frozen layers below `first_layer`, each computed once,
+    when the teacher's answer for it arrives (run it with the start adapter applied: it holds those layers')."""
 
-    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], first_layer: int) -> None:
-        self.model, self.first_layer = model, first_layer
-        self.batch = batch
-        self.hidden = encode(model, batch["input_ids"], batch["attention_mask"], first_layer)
+    def __init__(self, model: torch.nn.Module, first_layer: int, pad_id: int) -> None:
+        self.model, self.first_layer, self.pad_id = model, first_layer, pad_id
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # per row: hidden (n, d), labels (n,)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def add(self, rows: Sequence[tuple[list[int], list[int]]]) -> None:
+        batch = collate(list(rows), self.pad_id)
+        hidden = encode(self.model, batch["input_ids"], batch["attention_mask"], self.first_layer)
+        for i, (ids, _) in enumerate(rows):
+            self.rows.append((hidden[i, : len(ids)], batch["labels"][i, : len(ids)]))
+
+    def answer_logits(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the answer positions of rows `idx` (in order) and the answer tokens, as train_t2l.answer_logits."""
+        chosen = [self.rows[i] for i in idx]
+        width = max(len(labels) for _, labels in chosen)
+        hidden = chosen[0][0].new_zeros(len(chosen), width, chosen[0][0].shape[-1])
+        labels = torch.full((len(chosen), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for row, (h, lab) in enumerate(chosen):
+            hidden[row, : len(lab)], labels[row, : len(lab)], mask[row, : len(lab)] = h, lab, 1
+        inner = self.model.model
+        kwargs = self._layer_kwargs(hidden, mask)
+        for layer in inner.layers[self.first_layer :]:
+            hidden = layer(hidden, **kwargs)
+        hidden = inner.norm(hidden)
+        keep = labels[:, 1:] != -100
+        return self.model.lm_head(hidden[:, :-1][keep]).float(), labels[:, 1:][keep]
 
     def _layer_kwargs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         inner = self.model.model
@@ -121,20 +151,6 @@ class FrozenBelow:
             "position_ids": position_ids,
             "position_embeddings": inner.rotary_emb(hidden, position_ids=position_ids),
         }
-
-    def answer_logits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits at the answer positions of `rows` (in order) and the answer tokens, as train_t2l.answer_logits."""
-        mask = self.batch["attention_mask"][rows]
-        width = int(mask.sum(-1).max())
-        hidden, mask = self.hidden[rows, :width], mask[:, :width]
-        inner = self.model.model
-        kwargs = self._layer_kwargs(hidden, mask)
-        for layer in inner.layers[self.first_layer :]:
-            hidden = layer(hidden, **kwargs)
-        hidden = inner.norm(hidden)
-        labels = self.batch["labels"][rows, 1:width]
-        keep = labels != -100
-        return self.model.lm_head(hidden[:, :-1][keep]).float(), labels[keep]
 
 
 def zero_start(wrappers: dict[tuple[int, str], LoRALinear], rank: int, seed: int = 0) -> Adapter:
@@ -198,11 +214,48 @@ def distill_document(
         return adapter, report
 
     clock.tick("probes", 0, float("nan"))
+    plan = _teaching_plan(base, document, cfg, questions, report)
+    student = _Student(base, wrappers, adapter, cfg)
+    teachers: OrderedDict[str, Teacher] = OrderedDict()
+    # Teach a batch whenever the student has too few rows or the teacher is under its share of the time so far;
+    # train otherwise. Learning starts after one batch, not after every probe is answered.
+    while clock.elapsed() < cfg.budget_s and student.step < cfg.max_steps:
+        teaching = bool(plan) and clock.elapsed() < cfg.teacher_share * cfg.budget_s
+        if teaching and (len(student.rows) < cfg.batch_size or report.teacher_s <= cfg.teacher_share * clock.elapsed()):
+            text, batch = plan.pop(0)
+            clock.tick("teacher", student.step, student.loss)
+            t = time.perf_counter()
+            with applied(wrappers, None):
+                targets = _teacher(teachers, base, text, cfg).answer(batch, TEACHER_BATCH)
+            student.learn(batch, targets)
+            report.teacher_s += time.perf_counter() - t
+            continue
+        if not student.rows:
+            break
+        t = time.perf_counter()
+        student.train_step()
+        report.train_s += time.perf_counter() - t
+        clock.tick("distill", student.step, student.loss, report.train_s / student.step, cfg.max_steps)
+        if on_step is not None:
+            with clock.paused():
+                on_step(student.step, clock.elapsed(), student.adapter())
+        if not teaching and student.plateaued():
+            break
+    adapter = student.adapter() if student.step else adapter
+    report.taught, report.steps, report.losses = len(student.rows), student.step, student.losses
+    report.probe_loss = student.loss
+    report.elapsed_s = clock.elapsed()
+    clock.tick("done", report.steps, report.probe_loss)
+    return adapter, report
+
+
+def _teaching_plan(
+    base: BaseModel, document: str, cfg: DistillConfig, questions: Sequence[str] | None, report: Report
+) -> list[tuple[str, list[str]]]:
+    """(text the teacher reads, a batch of its probes), a batch from each text in turn: a teacher cut short by its
+    share of the budget still covers every window. Texts are each window as it is, and shuffled for the probes
+    marked so; past MAX_ROWS probes in all, each text keeps an even share (memory stays flat)."""
     views = windows(document, lambda t: len(base.tokenizer(t, add_special_tokens=False)["input_ids"]))
-    taught: list[str] = []
-    targets: list[Target] = []
-    deadline = t0 + cfg.teacher_share * cfg.budget_s
-    # Per (text the teacher reads, its probes): each window as it is, and shuffled for the probes marked so.
     queues: list[tuple[str, list[str]]] = []
     for view in views:
         if questions is None:
@@ -215,85 +268,90 @@ def distill_document(
         queues.append((view, [p.question for p in written if not p.shuffled]))
         if shuffled := [p.question for p in written if p.shuffled]:
             queues.append((probe_writer.shuffled_document(view), shuffled))
-    clock.tick("teacher", 0, float("nan"))
-    # A batch from each queue in turn, so a teacher cut short by its deadline still covers every window.
-    for start in range(0, max((len(q) for _, q in queues), default=0), TEACHER_BATCH):
-        for text, asked in queues:
-            batch = asked[start : start + TEACHER_BATCH]
-            if not batch or time.perf_counter() >= deadline:
-                continue
-            clock.check()
-            with applied(wrappers, None):
-                targets += teach(base, text, batch, cfg.top_k, cfg.max_new_tokens, TEACHER_BATCH)
-            taught += batch
-    if len(targets) > MAX_ROWS:  # a long document: an even spread of its probes keeps memory flat
-        keep = [round(i * len(targets) / MAX_ROWS) for i in range(MAX_ROWS)]
-        taught, targets = [taught[i] for i in keep], [targets[i] for i in keep]
-    report.taught, report.teacher_s = len(targets), clock.elapsed()
-
-    adapter, report.steps, report.losses, report.train_s = _train(
-        base, wrappers, adapter, taught, targets, cfg, clock, on_step
-    )
-    report.probe_loss = report.losses[-1] if report.losses else float("nan")
-    report.elapsed_s = clock.elapsed()
-    clock.tick("done", report.steps, report.probe_loss)
-    return adapter, report
+    if sum(len(q) for _, q in queues) > MAX_ROWS:
+        share = max(1, MAX_ROWS // len(queues))
+        queues = [(text, asked[:share]) for text, asked in queues]
+    longest = max((len(q) for _, q in queues), default=0)
+    return [
+        (text, asked[i : i + TEACHER_BATCH])
+        for i in range(0, longest, TEACHER_BATCH)
+        for text, asked in queues
+        if asked[i : i + TEACHER_BATCH]
+    ]
 
 
-def _train(
-    base: BaseModel,
-    wrappers: dict[tuple[int, str], LoRALinear],
-    adapter: Adapter,
-    questions: list[str],
-    targets: list[Target],
-    cfg: DistillConfig,
-    clock: _Clock,
-    on_step: Callable[[int, float, Adapter], None] | None,
-) -> tuple[Adapter, int, list[float], float]:
-    rows = student_rows(base.tokenizer, questions, targets)
-    if not rows:
-        return adapter, 0, [], 0.0
-    batch = collate(rows, base.tokenizer.pad_token_id or 0)
-    first_layer = int(cfg.frozen_share * len(base.model.model.layers))
-    trained = {k for k in adapter if k[0] >= first_layer}
-    params = {k: (a.requires_grad_(k in trained), b.requires_grad_(k in trained)) for k, (a, b) in adapter.items()}
-    opt = torch.optim.Adam([t for k in trained for t in params[k]], lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    with applied(wrappers, params):
-        below = FrozenBelow(base.model, batch, first_layer)
-    order: list[int] = []
-    losses: list[float] = []
-    train_s, step = 0.0, 0
-    while step < cfg.max_steps and clock.elapsed() < cfg.budget_s:
-        t_step = time.perf_counter()
-        if len(order) < cfg.batch_size:
-            order += torch.randperm(len(rows), generator=gen).tolist()
-        idx = torch.tensor(sorted(order[: cfg.batch_size]))
-        del order[: cfg.batch_size]
-        with applied(wrappers, params):
-            logits, labels = below.answer_logits(idx)
+def _teacher(teachers: OrderedDict[str, Teacher], base: BaseModel, text: str, cfg: DistillConfig) -> Teacher:
+    """The text's Teacher, its prefix kept for the next batch; the least recently used go (their caches are big)."""
+    if text not in teachers:
+        teachers[text] = Teacher(base, text, cfg.top_k, cfg.max_new_tokens)
+        while len(teachers) > KEPT_TEACHERS:
+            teachers.popitem(last=False)
+    teachers.move_to_end(text)
+    return teachers[text]
+
+
+class _Student:
+    """The adapter being trained on the rows the teacher has answered so far; new rows are seen first."""
+
+    def __init__(
+        self, base: BaseModel, wrappers: dict[tuple[int, str], LoRALinear], adapter: Adapter, cfg: DistillConfig
+    ) -> None:
+        self.base, self.wrappers, self.cfg = base, wrappers, cfg
+        first_layer = int(cfg.frozen_share * len(base.model.model.layers))
+        trained = {k for k in adapter if k[0] >= first_layer}
+        self.params = {
+            k: (a.clone().requires_grad_(k in trained), b.clone().requires_grad_(k in trained))
+            for k, (a, b) in adapter.items()
+        }
+        self.opt = torch.optim.Adam([t for k in trained for t in self.params[k]], lr=cfg.lr)
+        self.rows = FrozenBelow(base.model, first_layer, base.tokenizer.pad_token_id or 0)
+        self.targets: list[Target] = []
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.order: list[int] = []
+        self.losses: list[float] = []
+        self.step = 0
+
+    @property
+    def loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
+
+    def learn(self, questions: Sequence[str], targets: Sequence[Target]) -> None:
+        first = len(self.rows)
+        with applied(self.wrappers, self.params):
+            self.rows.add(student_rows(self.base.tokenizer, questions, targets))
+        self.targets += targets
+        fresh = torch.randperm(len(targets), generator=self.gen) + first
+        self.order = fresh.tolist() + self.order
+
+    def train_step(self) -> None:
+        cfg = self.cfg
+        if len(self.order) < cfg.batch_size:
+            self.order += torch.randperm(len(self.rows), generator=self.gen).tolist()
+        idx = sorted(self.order[: cfg.batch_size])
+        del self.order[: cfg.batch_size]
+        with applied(self.wrappers, self.params):
+            logits, labels = self.rows.answer_logits(idx)
         if cfg.loss == "kl":
             value = topk_kl(
                 logits,
-                torch.cat([targets[i].topk_ids for i in idx]),
-                torch.cat([targets[i].topk_logprobs for i in idx]),
+                torch.cat([self.targets[i].topk_ids for i in idx]),
+                torch.cat([self.targets[i].topk_logprobs for i in idx]),
             )
         else:
             value = torch.nn.functional.cross_entropy(logits, labels)
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         value.backward()
-        opt.step()
-        step += 1
-        losses.append(value.item())
-        train_s += time.perf_counter() - t_step
-        clock.tick("distill", step, losses[-1], train_s / step, cfg.max_steps)
-        if on_step is not None:
-            with clock.paused():
-                on_step(step, clock.elapsed(), {k: (a.detach(), b.detach()) for k, (a, b) in params.items()})
-        recent = losses[-max(1, len(rows) // cfg.batch_size) :]
-        if len(losses) >= 2 * len(recent) and sum(recent) / len(recent) < cfg.plateau_loss:
-            break
-    return {k: (a.detach().clone(), b.detach().clone()) for k, (a, b) in params.items()}, step, losses, train_s
+        self.opt.step()
+        self.step += 1
+        self.losses.append(value.item())
+
+    def plateaued(self) -> bool:
+        """The mean probe loss over about one pass through the rows is below `plateau_loss`."""
+        recent = self.losses[-max(1, len(self.rows) // self.cfg.batch_size) :]
+        return len(self.losses) >= 2 * len(recent) and sum(recent) / len(recent) < self.cfg.plateau_loss
+
+    def adapter(self) -> Adapter:
+        return {k: (a.detach(), b.detach()) for k, (a, b) in self.params.items()}
 
 
 class _Clock:

@@ -47,7 +47,49 @@ def teacher_turn(document: str, question: str) -> str:
     return user_turn(question, document)
 
 
-@torch.no_grad()
+class Teacher:
+    """The base model with one document in its prompt, answering batches of questions as they come.
+
+    The shared prefix's keys and values are computed once, at the first batch, and reused by every later
+    one (cut back when a later batch shares less of it): a self-distillation job teaches its probes a batch
+    at a time between training steps, and a 1,024-token window would otherwise be read again per batch."""
+
+    def __init__(self, base: BaseModel, document: str, k: int = 16, max_new_tokens: int = 48) -> None:
+        self.base, self.document, self.k, self.max_new_tokens = base, document, k, max_new_tokens
+        self._prefix: list[int] = []
+        self._cache: DynamicCache | None = None
+
+    @torch.no_grad()
+    def answer(self, questions: Sequence[str], batch_size: int = 16) -> list[Target]:
+        """Targets for `questions`, in order."""
+        tok = self.base.tokenizer
+        rows = [
+            tok(chat_prompt(tok, teacher_turn(self.document, q)), add_special_tokens=False)["input_ids"]
+            for q in questions
+        ]
+        if not rows:
+            return []
+        shared = _common_prefix(rows)
+        if self._cache is not None:
+            pairs = zip(rows[0], self._prefix, strict=False)
+            shared = min(shared, next((i for i, (a, b) in enumerate(pairs) if a != b), len(self._prefix)))
+        if self._cache is None or shared != len(self._prefix):
+            self._read_prefix(rows[0][:shared])
+        targets: list[Target] = []
+        for start in range(0, len(rows), batch_size):
+            suffixes = [r[shared:] for r in rows[start : start + batch_size]]
+            targets += _decode(self.base, self._cache, shared, suffixes, self.k, self.max_new_tokens)
+        return targets
+
+    def _read_prefix(self, prefix: list[int]) -> None:
+        if self._cache is not None and len(prefix) < len(self._prefix):
+            self._cache.crop(len(prefix))  # a shorter prefix of what was read: no need to read it again
+        else:
+            self._cache = DynamicCache()
+            self.base.model(input_ids=torch.tensor([prefix]), cache=self._cache, use_cache=True)
+        self._prefix = prefix
+
+
 def teach(
     base: BaseModel,
     document: str,
@@ -56,19 +98,8 @@ def teach(
     max_new_tokens: int = 48,
     batch_size: int = 16,
 ) -> list[Target]:
-    """Targets for `questions`, in order."""
-    tok, model = base.tokenizer, base.model
-    rows = [tok(chat_prompt(tok, teacher_turn(document, q)), add_special_tokens=False)["input_ids"] for q in questions]
-    if not rows:
-        return []
-    shared = _common_prefix(rows)
-    prefix_cache = DynamicCache()
-    model(input_ids=torch.tensor([rows[0][:shared]]), cache=prefix_cache, use_cache=True)
-    targets: list[Target] = []
-    for start in range(0, len(rows), batch_size):
-        suffixes = [r[shared:] for r in rows[start : start + batch_size]]
-        targets += _decode(base, prefix_cache, shared, suffixes, k, max_new_tokens)
-    return targets
+    """Targets for `questions`, in order: one Teacher, used once."""
+    return Teacher(base, document, k, max_new_tokens).answer(questions, batch_size)
 
 
 def student_rows(

@@ -19,8 +19,8 @@ from hypernet.self_distill import (
     windows,
     zero_start,
 )
-from hypernet.sni_data import chat_prompt, collate
-from hypernet.teacher import teach, teacher_turn
+from hypernet.sni_data import chat_prompt
+from hypernet.teacher import Teacher, teach, teacher_turn
 from hypernet.train_d2l import run_teacher
 from loracast.lora import applied
 
@@ -100,8 +100,8 @@ def test_distillation_lowers_the_probe_loss_and_reports_progress_in_phase_order(
     )
     assert report.steps == 12 and report.taught == report.probes > 0
     assert report.losses[-1] < report.losses[0]
-    phases = [e.phase for e in events]
-    assert phases[:4] == ["start", "probes", "teacher", "distill"] and phases[-1] == "done"
+    phases = [e.phase for i, e in enumerate(events) if i == 0 or events[i - 1].phase != e.phase]
+    assert phases == ["start", "probes", "teacher", "distill", "done"]  # TINY's teacher may take all the time
     assert [e.step for e in events if e.phase == "distill"] == list(range(1, 13))
     assert all(e.estimate_s >= e.elapsed_s for e in events)
     assert set(adapter) == set(wrappers)
@@ -126,13 +126,17 @@ def test_the_frozen_layers_below_are_computed_once_and_give_the_full_forward(tin
     """Training from layer 1 must see the same logits as the whole model: the cache is an optimization only."""
     tok = tiny_base.tokenizer
     rows = [(tok("a b c d e")["input_ids"], [-100, -100, 5, 6, 7]), (tok("x y")["input_ids"], [-100, 9])]
-    batch = collate(rows, tok.pad_token_id)
     start = zero_start(wrappers, 4)
     start = {k: (a, torch.randn_like(b) * 0.1) for k, (a, b) in start.items()}
     with applied(wrappers, start), torch.no_grad():
-        split = FrozenBelow(tiny_base.model, batch, 1).answer_logits(torch.tensor([0, 1]))[0]
-        whole = FrozenBelow(tiny_base.model, batch, 0).answer_logits(torch.tensor([0, 1]))[0]
-    assert torch.allclose(split, whole, atol=1e-5)
+        split, whole = FrozenBelow(tiny_base.model, 1, tok.pad_token_id), FrozenBelow(tiny_base.model, 0, 0)
+        split.add(rows[:1])  # rows arrive in two batches, as the teacher answers them
+        split.add(rows[1:])
+        whole.add(rows)
+        split_logits, split_labels = split.answer_logits([1, 0])
+        whole_logits, whole_labels = whole.answer_logits([1, 0])
+    assert torch.allclose(split_logits, whole_logits, atol=1e-5)
+    assert split_labels.tolist() == whole_labels.tolist() == [9, 5, 6, 7]
 
 
 def test_cancellation_stops_the_job_between_steps(tiny_base, wrappers):
@@ -208,19 +212,32 @@ def test_a_teacher_cut_short_by_its_share_of_the_budget_still_covers_every_windo
     monkeypatch.setattr(windows, "__defaults__", (64,))
     monkeypatch.setattr("hypernet.self_distill.TEACHER_BATCH", 2)
     taught: list[str] = []
-    real = teach
+    real = Teacher.answer
 
-    def first_batches_only(base, text, questions, *args):
-        taught.append(text)
-        return real(base, text, questions, *args)
+    def recorded(self, questions, *args):
+        taught.append(self.document)
+        return real(self, questions, *args)
 
-    monkeypatch.setattr("hypernet.self_distill.teach", first_batches_only)
+    monkeypatch.setattr(Teacher, "answer", recorded)
     cfg = replace(TINY, budget_s=1e-3, max_steps=1)  # the teacher's deadline passes before its first batch
     _, report = distill_document(tiny_base, wrappers, long_doc, lambda: zero_start(wrappers, 4), cfg)
     assert report.probes > 0 and report.taught == 0 and taught == [] and report.steps == 0
 
-    cfg = replace(TINY, max_steps=1)
+    cfg = replace(TINY, budget_s=60, max_steps=40, teacher_share=0.99, plateau_loss=0)
     taught.clear()
     _, report = distill_document(tiny_base, wrappers, long_doc, lambda: zero_start(wrappers, 4), cfg)
     first_round = taught[: len(windows(long_doc, lambda t: len(tiny_base.tokenizer(t)["input_ids"])))]
     assert len(set(first_round)) == len(first_round) > 1  # the first batches go to different windows
+
+
+def test_training_starts_after_the_first_teacher_batch_not_after_the_last(tiny_base, wrappers, monkeypatch):
+    """Teacher batches and steps interleave: the student learns from the first answers while later probes wait."""
+    monkeypatch.setattr("hypernet.self_distill.TEACHER_BATCH", 2)
+    phases: list[str] = []
+    cfg = replace(TINY, budget_s=60, max_steps=40, plateau_loss=0, teacher_share=0.5)
+    _, report = distill_document(
+        tiny_base, wrappers, DOC, lambda: zero_start(wrappers, 4), cfg, on_progress=lambda p: phases.append(p.phase)
+    )
+    work = [p for p in phases if p in ("teacher", "distill")]
+    assert work[0] == "teacher" and "teacher" in work[work.index("distill") :]
+    assert report.steps == 40 and report.taught > 0
