@@ -144,6 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             composites=args.composites,
             passages=args.passages,
             needles=args.needles,
+            needle_lengths=tuple(int(n) for n in args.needle_tokens.split(",")),
             curve_documents=args.curve_documents,
             budgets=tuple(float(b) for b in args.budgets.split(",")),
             threads=args.threads,
@@ -358,6 +359,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--composites", type=int, default=4, help="d2l: held-out ~512-token composites of profiles")
     e.add_argument("--passages", type=int, default=12, help="d2l: held-out reading-comprehension passages")
     e.add_argument("--needles", type=int, default=4, help="d2l: needle documents per length")
+    e.add_argument("--needle-tokens", default="256,1024", help="d2l: needle document lengths, in tokens")
     e.add_argument("--curve-documents", type=int, default=6, help="d2l: profiles on the quality-time curve")
     e.add_argument("--budgets", default="0,2,5,10,15,20,40,60,80", help="d2l: seconds on the curve")
     add_budget_flag(e, "d2l: the shipped one, per 512 document tokens")
