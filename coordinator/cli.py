@@ -23,12 +23,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     config = CoordinatorConfig(
         cache_dir=optional_path(args.cache_dir) or default_cache_dir(),
+        store=args.store,
         listen=args.listen,
         metrics_port=args.metrics_port,
         t2l_checkpoint=optional_path(args.checkpoint) or DEFAULT_T2L,
         d2l_checkpoint=optional_path(args.d2l_checkpoint) or DEFAULT_D2L,
         base=args.base,
-        max_concurrent=args.max_concurrent,
+        max_concurrent_passes=args.max_concurrent_passes,
         max_document_bytes=round(args.max_document_mb * 2**20),
         budget_seconds=args.budget_seconds,
         cache_capacity_bytes=round(args.capacity_mb * 2**20),
@@ -48,14 +49,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = commands.add_parser("serve", help="serve the Coordinator gRPC service until SIGTERM")
     s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0 picks a free one)")
     s.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0 picks a free one)")
-    s.add_argument("--cache-dir", help="adapter cache directory (default: $LORACAST_CACHE/coordinator)")
-    s.add_argument("--capacity-mb", type=float, default=4096.0, help="adapter cache size on disk")
+    s.add_argument(
+        "--store",
+        help="redis://HOST:PORT/DB: the adapter store every coordinator of a cluster shares (default: --cache-dir)",
+    )
+    s.add_argument("--cache-dir", help="the local adapter store's directory (default: $LORACAST_CACHE/coordinator)")
+    s.add_argument(
+        "--capacity-mb", type=float, default=4096.0, help="adapter store size (with --store: the cluster's, shared)"
+    )
     s.add_argument("--checkpoint", help="Text-to-LoRA checkpoint (default: the shipped one)")
     s.add_argument(
         "--d2l-checkpoint", help="Doc-to-LoRA checkpoint (default: the shipped one if any; without, no documents)"
     )
     s.add_argument("--base", default=DEFAULT_BASE, help="'smollm2' or a Hugging Face model directory")
-    s.add_argument("--max-concurrent", type=int, default=2, help="generations in flight; more get RESOURCE_EXHAUSTED")
+    s.add_argument(
+        "--max-concurrent-passes",
+        "--max-concurrent",  # its first name, kept for existing command lines
+        type=int,
+        default=2,
+        help="hypernetwork passes in flight (a wait for another coordinator's is one); more get RESOURCE_EXHAUSTED",
+    )
     s.add_argument("--max-document-mb", type=float, default=1.0, help="the largest document InternalizeDocument takes")
     add_budget_flag(s, "the Doc-to-LoRA generator's own; for a document whose request names none, more for a long one")
     add_security_flags(s)

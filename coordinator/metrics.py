@@ -43,3 +43,23 @@ PROBE_LOSS = Histogram(
 IN_FLIGHT = Gauge("loracast_generations_in_flight", "Hypernetwork passes running now")
 CACHED_ADAPTERS = Gauge("loracast_coordinator_cached_adapters", "Adapters in the coordinator's cache")
 CACHED_BYTES = Gauge("loracast_coordinator_cache_bytes", "Bytes on disk of the adapters in the coordinator's cache")
+
+# The adapter store (coordinator/adapter_store.py), local or shared in Redis. The Grafana dashboard and
+# deploy/k8s read these names.
+STORE_REQUESTS = Counter(
+    "loracast_store_requests",
+    "Adapter store lookups of a source text by result (a hit costs no hypernetwork pass)",
+    ["result"],  # "hit" or "miss"
+)
+for _result in ("hit", "miss"):
+    STORE_REQUESTS.labels(result=_result)
+STORE_CLAIM_WAITS = Counter(
+    "loracast_store_claim_waits",
+    "Generations that waited for another coordinator's pass of the same text instead of running their own",
+)
+STORE_ERRORS = Counter(
+    "loracast_store_errors", "Adapter store operations that failed (the store unreachable or failing)", ["backend"]
+)
+STORE_UP = Gauge(
+    "loracast_store_up", "1 while the adapter store is reachable, 0 while this coordinator serves without it"
+)

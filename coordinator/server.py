@@ -1,12 +1,15 @@
 """The coordinator's gRPC server: hypernetworks turn texts into adapters, a content-addressed cache keeps them,
 FetchAdapter streams them (protos/loracast/v1/loracast.proto documents every RPC and its errors).
 
-- A text (description, or document and budget) is looked up by its source key first: the same text through the
-  same checkpoint never costs a second generation, across restarts, and concurrent asks for one text share one job.
+- A text (description, or document and budget) is looked up by its source key in the adapter store first
+  (coordinator/adapter_store.py: a local directory, or Redis shared by a cluster of coordinators): the same text
+  through the same checkpoint never costs a second generation, across restarts, and concurrent asks for one text
+  share one job; across coordinators, a claim in the store lets one of them make it while the others wait.
 - A document's job (one pass, then self-distillation for its budget) runs in a thread of its own and streams its
   progress to every call that follows it; when the last of them goes away, the job is cancelled at its next step
   and leaves nothing behind.
-- At most `max_concurrent` generations run at once, and one document at a time (the Doc-to-LoRA generator runs
+- At most `max_concurrent_passes` generations run at once (a wait for another coordinator's pass of the same text
+  counts as one), and one document at a time (the Doc-to-LoRA generator runs
   its jobs one after another); one more is refused at once with RESOURCE_EXHAUSTED and a `retry-after-ms`
   trailer, so callers back off instead of queueing unseen.
 - A call whose deadline leaves less than its budget plus the usual overrun of that kind (for a description: a
@@ -17,11 +20,13 @@ FetchAdapter streams them (protos/loracast/v1/loracast.proto documents every RPC
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections.abc
 import functools
 import hashlib
+import logging
 import math
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,9 +36,11 @@ from types import MappingProxyType
 from typing import NoReturn, Protocol, cast
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
 from coordinator import metrics
-from coordinator.adapter_cache import AdapterCache, CacheError, NotCached, PageTokenError, source_key
+from coordinator.adapter_store import Abandoned, AdapterStore, NotCached, StoreUnavailable, source_key, source_of
+from coordinator.local_store import LocalStore
 from hypernet import checkpoint
 from hypernet.generate import MAX_BUDGET_S, DocToLoRAGenerator, InputError, TextToLoRAGenerator, check_description
 from hypernet.self_distill import Cancelled, DistillConfig, Progress
@@ -53,6 +60,10 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 MIN_RETRY_MS = 100  # what a refused caller is told to wait before any generation has been timed
 OUTCOMES = ("done", "cancelled", "failed")  # of an internalization, as its metric counts them
 _NAMES = {"t2l": "Text-to-LoRA", "d2l": "Doc-to-LoRA"}
+DEFAULT_PAGE_SIZE = 100  # ListAdapters
+MAX_PAGE_SIZE = 1000
+STORE_HEALTH = "loracast.store"  # the grpc.health.v1 service that says whether the adapter store is reachable
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -61,19 +72,24 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class CoordinatorConfig:
-    cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_dir: Path = field(default_factory=default_cache_dir)  # the local store's; unused with `store`
+    # redis://HOST:PORT/DB: a Redis shared by every coordinator of a cluster; None: the local directory `cache_dir`
+    store: str | None = None
     listen: str = "127.0.0.1:50051"  # HOST:PORT; port 0 picks a free one
     metrics_port: int | None = 9464  # 0 picks a free port; None serves no /metrics
     t2l_checkpoint: Path = checkpoint.DEFAULT_T2L
     # Served when the file exists; a path other than the default must exist. None: no Doc-to-LoRA.
     d2l_checkpoint: Path | None = checkpoint.DEFAULT_D2L
     base: str = DEFAULT_BASE  # 'smollm2' or a Hugging Face directory: the checkpoint must match it
-    max_concurrent: int = 2  # generations in flight; more are refused with RESOURCE_EXHAUSTED
+    # Hypernetwork passes in flight (a wait for another coordinator's pass of the same text is one); more are
+    # refused with RESOURCE_EXHAUSTED
+    max_concurrent_passes: int = 2
     max_document_bytes: int = 2**20
     # The budget of a document whose request names none, in seconds (the generator gives a long document more, in
     # proportion to its length); None: the Doc-to-LoRA generator's own default.
     budget_seconds: float | None = None
-    cache_capacity_bytes: int | None = 4 * 2**30  # None: unbounded
+    # The store's bound in bytes (Redis: one bound for the cluster: give every coordinator the same); None: unbounded
+    cache_capacity_bytes: int | None = 4 * 2**30
     security: ServerSecurity = field(default_factory=ServerSecurity)
 
 
@@ -232,9 +248,10 @@ class _Job:
                 events, outcome = self._events[seen:], self._outcome
             seen += len(events)
             yield from events
-            if isinstance(outcome, BaseException):
+            # A job ends Abandoned only once its followers have left: this call's own end says why.
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Abandoned):
                 raise outcome
-            if outcome is not None:
+            if isinstance(outcome, _Made):
                 return outcome
             if context.time_remaining() <= 0:
                 raise RequestError(
@@ -244,16 +261,35 @@ class _Job:
                 raise RequestError(grpc.StatusCode.CANCELLED, "the caller went away")
 
 
-# What the coordinator's own errors answer with (a RequestError carries its status itself).
+# What the coordinator's own errors and its store's answer with (a RequestError carries its status itself).
 _STATUSES = MappingProxyType(
     {
         InputError: grpc.StatusCode.INVALID_ARGUMENT,
         WireError: grpc.StatusCode.INVALID_ARGUMENT,
         MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
         NotCached: grpc.StatusCode.NOT_FOUND,
-        PageTokenError: grpc.StatusCode.INVALID_ARGUMENT,
+        StoreUnavailable: grpc.StatusCode.UNAVAILABLE,  # a retry may reach a coordinator that holds it
     }
 )
+
+
+def page_token(stamp: int) -> str:
+    """The opaque token of the ListAdapters page after the adapter used at `stamp`: it names no coordinator, so
+    any coordinator of the store continues the listing (and after a restart too)."""
+    return base64.urlsafe_b64encode(f"before:{stamp}".encode()).decode().rstrip("=")
+
+
+def read_page_token(token: str) -> int:
+    try:
+        kind, _, stamp = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii").partition(":")
+        if kind == "before" and stamp.isdigit():
+            return int(stamp)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise RequestError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"page_token {token[:40]!r} is not one a coordinator issued; list from the start",
+    )
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
@@ -264,17 +300,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(
         self,
         config: CoordinatorConfig,
-        cache: AdapterCache,
+        store: AdapterStore,
         hypernets: Iterable[Hypernet],
         base_fingerprint: str,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.config = config
-        self.cache = cache
+        self.store = store
         self.hypernets = {net.kind: net for net in hypernets}
         self.base_fingerprint = base_fingerprint
         self._clock = clock
-        self._slots = threading.BoundedSemaphore(config.max_concurrent)
+        self._slots = threading.BoundedSemaphore(config.max_concurrent_passes)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified whenever a job ends
         self._pending: dict[str, _Job] = {}  # source key -> its running job, the one a new call may join
@@ -288,7 +324,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 metrics.INTERNALIZATIONS.labels(outcome=outcome)
 
     def close(self) -> None:
-        """Wait for the jobs still running, so that none writes to the cache after it is closed. Call it once the
+        """Wait for the jobs still running, so that none writes to the store after it is closed. Call it once the
         server has stopped: its calls are gone, so an internalization is cancelled at its next step."""
         with self._lock:
             self._idle.wait_for(lambda: self._running == 0)
@@ -320,7 +356,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def FetchAdapter(self, request: pb.FetchAdapterRequest, context: grpc.ServicerContext) -> Iterator[pb.AdapterChunk]:
         try:
             chunk_size = adapter_wire.check_chunk_size(request.chunk_size)
-            wire = self.cache.get(request.adapter_id, request.dtype)
+            wire = self.store.get(request.adapter_id, request.dtype)
             data = adapter_wire.chunks(wire.payload, request.offset, chunk_size)  # checks the offset
             start = self._clock()
             yield pb.AdapterChunk(manifest=wire.manifest)
@@ -336,7 +372,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext) -> pb.ListAdaptersResponse:
         try:
-            adapters, next_page_token = self.cache.summaries(request.page_size, request.page_token)
+            size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            before = read_page_token(request.page_token) if request.page_token else None
+            listed = self.store.recent(before, size + 1)  # one more tells whether a next page exists
+            adapters = [
+                pb.AdapterSummary(
+                    adapter_id=m.adapter_id,
+                    hypernet_version=m.hypernet_version,
+                    source=source_of(m),
+                    size_bytes=m.total_size,
+                )
+                for _, m in listed[:size]
+            ]
+            next_page_token = page_token(listed[size - 1][0]) if len(listed) > size else ""
             return pb.ListAdaptersResponse(adapters=adapters, next_page_token=next_page_token)
         except Exception as exc:
             _abort(context, exc)
@@ -389,7 +437,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """The adapter of `text` (a document: at `budget`; None: a description's one pass), from the cache or from
         the job this call starts or joins; yields the job's progress on the way."""
         key = source_key(net.kind, net.version, net.checkpoint_sha256, text, budget)
-        cached = self.cache.find(key, dtype)
+        cached = self.store.find(key, dtype)
+        metrics.STORE_REQUESTS.labels(result="miss" if cached is None else "hit").inc()
         if cached is not None:
             metrics.CACHE_HITS.inc()
             return pb.GenerateResponse(manifest=cached.manifest, cached=True)
@@ -410,7 +459,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         made = yield from job.follow(context)
         ran = not joined and made.seconds is not None
         return pb.GenerateResponse(
-            manifest=self.cache.get(made.adapter_id, dtype).manifest,
+            manifest=self.store.get(made.adapter_id, dtype).manifest,
             cached=not ran,
             generation_seconds=made.seconds if ran else 0.0,
         )
@@ -430,18 +479,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 self._idle.notify_all()
 
     def _make(self, job: _Job, net: Hypernet, key: str, text: str, dtype: int) -> _Made:
-        """The adapter, cached (even when the callers' deadlines have passed meanwhile: a retry is then a hit)."""
-        # A generation of this text may have finished between the callers' lookup and this job's start.
-        wire = self.cache.find(key, dtype)
-        if wire is not None:
-            metrics.CACHE_HITS.inc()
-            return _Made(wire.manifest.adapter_id, None)
-        metrics.CACHE_MISSES.inc()
-        with metrics.IN_FLIGHT.track_inprogress():
-            start = self._clock()
-            adapter = net.generator.generate(text) if job.budget_s is None else self._internalize(job, net, text)
-            seconds = self._clock() - start
-        wire = self.cache.put(key, adapter, net.generator.spec_for(adapter), net.generator.metadata(text), dtype)
+        """The adapter, stored (even when the callers' deadlines have passed meanwhile: a retry is then a hit)."""
+        # The claim makes this the one pass of the text cluster-wide; it finds the adapter instead when a job (here,
+        # or another coordinator's) has made it since the callers' lookup.
+        with self.store.claim(key, dtype, job.cancelled) as claim:
+            if claim.found is not None:
+                metrics.CACHE_HITS.inc()
+                return _Made(claim.found.manifest.adapter_id, None)
+            metrics.CACHE_MISSES.inc()
+            with metrics.IN_FLIGHT.track_inprogress():
+                start = self._clock()
+                adapter = net.generator.generate(text) if job.budget_s is None else self._internalize(job, net, text)
+                seconds = self._clock() - start
+            spec, metadata = net.generator.spec_for(adapter), net.generator.metadata(text)
+            wire = self.store.put(key, adapter, spec, metadata, dtype)
         metrics.GENERATION_SECONDS.labels(kind=net.kind).observe(seconds)
         overrun = max(0.0, seconds - (job.budget_s or 0.0))
         with self._lock:
@@ -492,7 +543,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if not self._slots.acquire(blocking=False):
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this coordinator already runs {self.config.max_concurrent} generations, its maximum: retry later",
+                f"this coordinator already runs {self.config.max_concurrent_passes} passes, its maximum: retry later",
                 retry_after_ms=max(MIN_RETRY_MS, round(1000 * overrun)),
             )
 
@@ -500,17 +551,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 @dataclass
 class RunningCoordinator(RunningServer):
     servicer: CoordinatorServicer
-    cache: AdapterCache
+    store: AdapterStore
 
     def release(self) -> None:
         self.servicer.close()
-        self.cache.close()
+        self.store.close()
 
 
 def _check_config(config: CoordinatorConfig) -> str:
     """Everything that can be checked before the slow loads; returns the listen host."""
-    if config.max_concurrent < 1:
-        raise ConfigError(f"max concurrent generations must be at least 1, not {config.max_concurrent}")
+    if config.max_concurrent_passes < 1:
+        raise ConfigError(f"max concurrent passes must be at least 1, not {config.max_concurrent_passes}")
     if config.max_document_bytes < 1:
         raise ConfigError(f"the document size limit must be positive, not {config.max_document_bytes} bytes")
     if config.budget_seconds is not None and not 0 <= config.budget_seconds <= MAX_BUDGET_S:
@@ -520,6 +571,10 @@ def _check_config(config: CoordinatorConfig) -> str:
     if config.cache_capacity_bytes is not None and config.cache_capacity_bytes <= 0:
         raise ConfigError(f"the cache capacity must be positive, not {config.cache_capacity_bytes} bytes")
     config.security.credentials()  # reads the certificate files: a missing one fails now
+    if config.store is not None:
+        from coordinator.redis_store import check_url  # the redis client is imported only when a cluster uses it
+
+        check_url(config.store)
     return check_listen(config.listen)
 
 
@@ -547,7 +602,7 @@ def load_hypernets(
         # served (a checkpoint named on the command line must fit, and fails the start otherwise).
         trained_for = checkpoint.read_metadata(checkpoint.DEFAULT_D2L).get("base_fingerprint")
         if trained_for != base.fingerprint:
-            print("the shipped Doc-to-LoRA checkpoint is for another base: documents are not served", file=sys.stderr)
+            log.warning("the shipped Doc-to-LoRA checkpoint is for another base: documents are not served")
             load_d2l = False
     if load_d2l:
         d2l = DocToLoRAGenerator(config.d2l_checkpoint, base)
@@ -572,23 +627,34 @@ def start(
     """
     host = _check_config(config)
     nets, fingerprint = load_hypernets(config, t2l, d2l)
-    try:
-        cache = AdapterCache(config.cache_dir, config.cache_capacity_bytes)
-    except CacheError as exc:
-        raise ConfigError(str(exc)) from exc
-    metrics.CACHED_ADAPTERS.set_function(lambda: len(cache.entries()))
-    metrics.CACHED_BYTES.set_function(lambda: cache.size_bytes)
-    servicer = CoordinatorServicer(config, cache, nets, fingerprint, clock)
+    if config.store is None:
+        store: AdapterStore = LocalStore(config.cache_dir, config.cache_capacity_bytes)
+    else:
+        from coordinator.redis_store import RedisStore
+
+        store = RedisStore(config.store, config.cache_capacity_bytes)
+    metrics.CACHED_ADAPTERS.set_function(lambda: store.stats()[0])
+    metrics.CACHED_BYTES.set_function(lambda: store.stats()[1])
+    servicer = CoordinatorServicer(config, store, nets, fingerprint, clock)
     # Threads beyond the generation slots answer fetches, lists and refusals while generations run.
-    server = create_server(metrics.COMPONENT, config.security, max_workers=config.max_concurrent + 8)
+    server = create_server(metrics.COMPONENT, config.security, max_workers=config.max_concurrent_passes + 8)
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     try:
         port, health_servicer, metrics_server = serve(
             server, config.listen, config.security, [SERVICE], host, config.metrics_port
         )
     except ConfigError:
-        cache.close()
+        store.close()
         raise
+    # The store's reachability is its own health service: a coordinator whose store is down still serves (it makes
+    # adapters, without sharing them), so the Coordinator service stays SERVING for the workers' load balancing.
+    store.watch(functools.partial(_report_store, health_servicer))
     return RunningCoordinator(
-        metrics.COMPONENT, server, health_servicer, host, port, metrics_server, servicer=servicer, cache=cache
+        metrics.COMPONENT, server, health_servicer, host, port, metrics_server, servicer=servicer, store=store
     )
+
+
+def _report_store(health_servicer: health.HealthServicer, up: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+    health_servicer.set(STORE_HEALTH, status)
+    metrics.STORE_UP.set(1 if up else 0)

@@ -30,7 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.adapter_cache import AdapterCache, NotCached, source_key
+from coordinator.adapter_store import NotCached, source_key
+from coordinator.local_store import LocalStore
 from coordinator.server import MIN_RETRY_MS, CoordinatorConfig, RunningCoordinator, start
 from hypernet import checkpoint
 from hypernet.generate import MAX_DESCRIPTION_CHARS, DocToLoRAGenerator, TextToLoRAGenerator
@@ -287,7 +288,7 @@ def listed(stub: pb_grpc.CoordinatorStub, page_size: int = 0, page_token: str = 
     return [a.adapter_id for a in reply.adapters], reply.next_page_token
 
 
-def test_list_adapters_pages_in_recency_order_and_refuses_tokens_it_did_not_issue(
+def test_list_adapters_pages_in_recency_order_with_tokens_that_outlive_a_restart(
     tmp_path: Path, generator: TextToLoRAGenerator
 ) -> None:
     tasks = [f"Task {i}: answer with the word {word}." for i, word in enumerate(["red", "green", "blue", "gold"])]
@@ -301,13 +302,14 @@ def test_list_adapters_pages_in_recency_order_and_refuses_tokens_it_did_not_issu
         assert second == [a] and token == ""  # b is no longer listed after the token
         assert listed(stub, page_size=2)[0] == [b, d]
         assert listed(stub, page_size=10**6)[0] == [b, d, c, a]  # above the maximum is the maximum
-        for bad in ("nonsense", "0123456789abcdef.x", "../0123456789abcdef.1"):
+        for bad in ("nonsense", "0123456789abcdef.x", "../0123456789abcdef.1", "YmVmb3JlOng"):  # "before:x"
             error = refused(lambda bad=bad: listed(stub, page_token=bad), grpc.StatusCode.INVALID_ARGUMENT)
             assert "page_token" in error.details()
-        stale = listed(stub, page_size=1)[1]
+        after_first = listed(stub, page_size=1)[1]
     with serving(tmp_path / "cache", Recorder(generator)) as (_, stub):
-        error = refused(lambda: listed(stub, page_token=stale), grpc.StatusCode.INVALID_ARGUMENT)
-        assert "restarted" in error.details()
+        # A token names no coordinator run: the restarted one (or another sharing the store) continues the listing.
+        page, token = listed(stub, page_size=2, page_token=after_first)
+        assert page == [d, c] and token
         page, token = listed(stub, page_size=3)
         assert page == [b, d, c] and token  # recency survives the restart
         assert listed(stub, page_size=3, page_token=token) == ([a], "")
@@ -330,7 +332,7 @@ def test_fetch_resumes_from_an_offset(tmp_path: Path, generator: TextToLoRAGener
         }
         key = source_key("t2l", "t2l-test", "0" * 64, "a big adapter")
         adapter = _big_adapter(np.random.default_rng(0))
-        wire = running.cache.put(key, adapter, LoraSpec(("q_proj",)), metadata, pb.FLOAT32)
+        wire = running.store.put(key, adapter, LoraSpec(("q_proj",)), metadata, pb.FLOAT32)
         adapter_id, chunk = wire.manifest.adapter_id, adapter_wire.MIN_CHUNK
         for dtype in (pb.FLOAT32, pb.FLOAT16):
             request = pb.FetchAdapterRequest(adapter_id=adapter_id, dtype=dtype, chunk_size=chunk)
@@ -353,7 +355,7 @@ def test_fetch_resumes_from_an_offset(tmp_path: Path, generator: TextToLoRAGener
             assert at_end == manifest and nothing == b""
 
 
-def _put_small(cache: AdapterCache, seed: int) -> tuple[str, str]:
+def _put_small(cache: LocalStore, seed: int) -> tuple[str, str]:
     """Store a 4 KiB adapter; returns its id and source key."""
     rng = np.random.default_rng(seed)
     adapter = {(0, "q_proj"): (rng.standard_normal((8, 64), np.float32), rng.standard_normal((64, 8), np.float32))}
@@ -364,16 +366,16 @@ def _put_small(cache: AdapterCache, seed: int) -> tuple[str, str]:
 
 def test_cache_evicts_least_recently_used_and_drops_damaged_files(tmp_path: Path) -> None:
     root = tmp_path / "cache"
-    cache = AdapterCache(root)
+    cache = LocalStore(root)
     a, _ = _put_small(cache, 0)
-    one = cache.size_bytes
+    _, one = cache.stats()
     cache.close()
 
-    cache = AdapterCache(root, capacity_bytes=2 * one)  # reopened: `a` is still there
+    cache = LocalStore(root, capacity_bytes=2 * one)  # reopened: `a` is still there
     b, b_key = _put_small(cache, 1)
     assert cache.get(a, pb.FLOAT16).manifest.adapter_id == a  # `a` is now the most recently used
     c, _ = _put_small(cache, 2)
-    assert [m.adapter_id for m in cache.entries()] == [c, a] and cache.size_bytes == 2 * one
+    assert [m.adapter_id for _, m in cache.recent(None, 10)] == [c, a] and cache.stats() == (2, 2 * one)
     assert not (root / "adapters" / f"{b}.adapter").exists() and cache.find(b_key, pb.FLOAT32) is None
     with pytest.raises(NotCached):
         cache.get(b, pb.FLOAT32)
@@ -392,8 +394,8 @@ def test_cache_evicts_least_recently_used_and_drops_damaged_files(tmp_path: Path
     truncated.write_bytes(truncated.read_bytes()[:-10])
     (root / "adapters" / f".{c}.adapter.x1y2.tmp").write_bytes(b"half a write")
     cache.close()
-    cache = AdapterCache(root)
-    assert cache.entries() == [] and list((root / "adapters").iterdir()) == []
+    cache = LocalStore(root)
+    assert cache.recent(None, 10) == [] and list((root / "adapters").iterdir()) == []
     cache.close()
 
 
@@ -437,7 +439,7 @@ def _until(condition: Callable[[], bool]) -> None:
 def test_too_many_generations_are_refused_with_retry_after(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
     gate = threading.Event()
     recorder = Recorder(generator, gate=gate)
-    with serving(tmp_path / "cache", recorder, max_concurrent=1) as (_, stub):
+    with serving(tmp_path / "cache", recorder, max_concurrent_passes=1) as (_, stub):
         request = pb.GenerateFromDescriptionRequest(description=TASK, dtype=pb.FLOAT32)
         first = stub.GenerateFromDescription.future(request, timeout=TIMEOUT)
         assert recorder.started.wait(TIMEOUT)
@@ -684,7 +686,7 @@ def test_a_deadline_cancels_the_job_and_caches_nothing(
         _until(lambda: len(d2l.outcomes) == 1)
         assert d2l.outcomes == ["cancelled"]
         assert stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters == []
-        assert running.cache.entries() == []
+        assert running.store.stats() == (0, 0)
 
 
 def test_bearer_tokens(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
@@ -766,7 +768,7 @@ def test_start_refuses_configurations_that_cannot_work(
     with pytest.raises(ConfigError, match="HOST:PORT"):
         start(CoordinatorConfig(cache_dir=cache_dir, listen="50051", metrics_port=None), generator)
     with pytest.raises(ConfigError, match="at least 1"):
-        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", max_concurrent=0), generator)
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", max_concurrent_passes=0), generator)
     with pytest.raises(ConfigError, match="default budget must be between 0 and 3600 seconds, not 5000"):
         start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", budget_seconds=5000.0), generator)
     missing = ServerSecurity(tls_cert=tmp_path / "missing.pem", tls_key=tmp_path / "missing.key")

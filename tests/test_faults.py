@@ -38,7 +38,7 @@ from test_load import STARTUP_S, Server, launch_coordinator, launch_worker, metr
 from test_system import _poll
 from test_worker import installed
 
-from coordinator.adapter_cache import AdapterCache
+from coordinator.local_store import LocalStore
 from edge_client.client import Answer, EdgeClient, EdgeError
 from loracast import adapter_format, adapter_wire
 from loracast.lora_spec import LoraSpec
@@ -191,7 +191,7 @@ def seed_big_adapter(cache_dir: Path, base_dir: Path, fingerprint: str) -> adapt
             adapter[layer, module] = (a.astype(np.float32), b.astype(np.float32))
     spec = LoraSpec(("q_proj", "v_proj"), r=BIG_RANK, alpha=16.0)
     metadata = {adapter_format.META_FINGERPRINT: fingerprint, adapter_wire.META_HYPERNET_VERSION: "seeded-1"}
-    cache = AdapterCache(cache_dir)
+    cache = LocalStore(cache_dir)
     try:
         wire = cache.put(hashlib.sha256(b"seeded").hexdigest(), adapter, spec, metadata, pb.FLOAT16)
     finally:

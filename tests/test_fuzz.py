@@ -45,7 +45,7 @@ from safetensors.numpy import save_file
 from test_coordinator import Recorder, _big_adapter, _until
 from test_worker import cache_root, model_dir  # noqa: F401 - module fixtures: the tiny Llama's ONNX export
 
-from coordinator.adapter_cache import source_key
+from coordinator.adapter_store import source_key
 from coordinator.server import CoordinatorConfig, RunningCoordinator
 from coordinator.server import start as start_coordinator
 from hypernet.generate import MAX_BUDGET_S, MAX_DESCRIPTION_CHARS, TextToLoRAGenerator
@@ -220,7 +220,7 @@ class Servers:
 
     @property
     def caches(self) -> tuple[Path, Path]:
-        return self.coordinator.cache.root, self.worker.servicer.store.root
+        return self.coordinator.store.root, self.worker.servicer.store.root
 
     def raw(self, rpc: str, request: bytes | list[bytes]) -> Any:
         """Call `rpc` with serialized request bytes (a list for a client stream); streamed replies as a list."""
@@ -321,7 +321,7 @@ def known(servers: Servers) -> Known:
     internalized = list(stub.InternalizeDocument(chunks, timeout=TIMEOUT))[-1].result
     metadata = {META_FINGERPRINT: servers.fingerprint, adapter_wire.META_HYPERNET_VERSION: "t2l-fuzz"}
     key = source_key("t2l", "t2l-fuzz", "0" * 64, "a big adapter")
-    big = servers.coordinator.cache.put(
+    big = servers.coordinator.store.put(
         key, _big_adapter(np.random.default_rng(0)), LoraSpec(("q_proj",)), metadata, pb.FLOAT32
     )
     manifests = (made.manifest, internalized.manifest, big.manifest)
