@@ -23,6 +23,8 @@ HYPERNET_VERSION = "t2l-1"
 D2L_VERSION = "d2l-1"
 DEFAULT_T2L = Path(__file__).resolve().parent / "checkpoints" / "t2l.safetensors"
 DEFAULT_MTL = Path(__file__).resolve().parent / "checkpoints" / "multitask-lora.safetensors"
+# Condition (f) of `eval t2l`: a multi-task LoRA trained with the description in the prompt (`train mtl --describe`).
+DEFAULT_MTL_DESCRIBED = Path(__file__).resolve().parent / "checkpoints" / "multitask-lora-described.safetensors"
 DEFAULT_D2L = Path(__file__).resolve().parent / "checkpoints" / "d2l.safetensors"
 
 Hypernetwork = TextToLoRA | MultiTaskLoRA | DocToLoRA

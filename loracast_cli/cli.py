@@ -100,6 +100,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         "lr": args.lr,
         "threads": args.threads,
     }
+    if args.describe:  # condition (f) is a multi-task LoRA of its own, beside (c)
+        default_out["mtl"] = checkpoint.DEFAULT_MTL_DESCRIBED
     common = dict(
         data_dir=_data_dir(args.data),
         out=Path(args.out) if args.out else default_out[args.kind],
@@ -115,12 +117,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         from hypernet.train_t2l import TrainArgs, train
 
-        given.update(
-            encoder=args.encoder,
-            contrast=args.contrast,
-            shared_adapter=args.shared_adapter or None,
-            distill=args.distill,
-        )
+        given.update(encoder=args.encoder, describe=args.describe)
         targs = TrainArgs(kind=args.kind, **common, **{k: v for k, v in given.items() if v is not None})
         if args.paraphrases is not None:  # unset keeps TrainArgs' default, the shipped file
             targs.paraphrases = None if args.paraphrases.lower() == "none" else Path(args.paraphrases)
@@ -160,6 +157,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             limit=args.limit,
             t2l_path=Path(args.checkpoint or checkpoint.DEFAULT_T2L),
             mtl_path=Path(args.mtl or checkpoint.DEFAULT_MTL),
+            described_path=Path(args.mtl_described or checkpoint.DEFAULT_MTL_DESCRIBED),
+            conditions=args.conditions,
             base_name=args.base,
         )
     print(table(result))
@@ -321,24 +320,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="default: 8 (d2l: 4)")
     t.add_argument("--lr", type=float, help="default: 3e-4")
     t.add_argument(
-        "--contrast",
-        type=float,
-        help="t2l: weight of the contrast term (an adapter must beat another task's adapter on its own examples)",
-    )
-    t.add_argument(
-        "--shared-adapter",
+        "--describe",
         action="store_true",
-        help="t2l: the heads add to a learned per-layer adapter that every task shares",
-    )
-    t.add_argument(
-        "--distill",
-        type=float,
-        help="t2l: weight of the KL to the base model with the description in its prompt (not with --contrast)",
+        help="mtl: put a drawn task description before each input, condition (f) of `eval t2l` "
+        "(default --out: hypernet/checkpoints/multitask-lora-described.safetensors)",
     )
     t.add_argument(
         "--paraphrases",
-        help="t2l: JSON file of extra descriptions per training task, {'tasks': {name: [text, ...]}} "
-        "(default: the shipped hypernet/data/sni_train_paraphrases.json; 'none': the task definitions alone)",
+        help="t2l, mtl --describe: JSON file of extra descriptions per training task, {'tasks': {name: [text, ...]}} "
+        "(default: the shipped hypernet/data/sni_train_paraphrases.json; 'none': without them)",
     )
     t.add_argument("--chunk-tokens", type=int, help="d2l: document tokens per chunk (default: 256)")
     t.add_argument("--chunk-scaler", choices=["none", "sqrt", "linear"], help="d2l: chunk B scale (default: sqrt)")
@@ -352,9 +342,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the full result here")
     e.add_argument("--checkpoint", help="T2L or D2L checkpoint (default: shipped)")
     e.add_argument("--base", default=DEFAULT_BASE)
-    e.add_argument("--split", default="dev", help="t2l: SNI split")
+    e.add_argument("--split", default="dev", help="t2l: dev, or heldout (30 sni/train tasks no run trains on)")
     e.add_argument("--limit", type=int, help="t2l: instances per task (default: all of them)")
     e.add_argument("--mtl", help="t2l: multi-task LoRA checkpoint (default: shipped)")
+    e.add_argument("--mtl-described", help="t2l: condition (f)'s checkpoint, from `train mtl --describe`")
+    e.add_argument("--conditions", default="abcdef", help="t2l: which conditions to run (default: all, abcdef)")
     e.add_argument("--documents", type=int, default=12, help="d2l: held-out fictional profiles")
     e.add_argument("--composites", type=int, default=4, help="d2l: held-out ~512-token composites of profiles")
     e.add_argument("--passages", type=int, default=12, help="d2l: held-out reading-comprehension passages")

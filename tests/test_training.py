@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from hypernet import checkpoint, train_t2l
-from hypernet.sni_data import DEFAULT_PARAPHRASES, collate, data_hash, encode_example, user_turn
-from hypernet.train_t2l import TrainArgs, answer_logits, answer_loss, distill_loss, example_losses, train
+from hypernet import checkpoint, sni_splits, train_t2l
+from hypernet.sni_data import DEFAULT_PARAPHRASES, data_hash, files_hash
+from hypernet.train_t2l import TaskStream, TrainArgs, draw_batch, train
 from loracast.errors import UserError
 from loracast_cli.cli import main
 
@@ -68,78 +70,7 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
         checkpoint.load(tmp_path / "missing.safetensors")
 
 
-def test_example_losses_are_each_rows_own_answer_loss(tiny_base):
-    tok = tiny_base.tokenizer
-    examples = [
-        encode_example(tok, user_turn("one two three"), "four", 64),
-        encode_example(tok, user_turn("a"), "a much longer answer than the other one", 64),
-        encode_example(tok, user_turn("x y"), "z", 64),
-    ]
-    pad = tok.pad_token_id or 0
-    with torch.no_grad():
-        per_row = example_losses(tiny_base.model, collate(examples, pad))
-        alone = [answer_loss(tiny_base.model, collate([e], pad)).item() for e in examples]
-    assert per_row.tolist() == pytest.approx(alone, abs=1e-5)
-    assert len(set(round(v, 4) for v in alone)) == 3  # the rows differ, so a mix-up of rows would show
-
-
-def test_contrast_trains_adapters_apart_and_is_recorded(tmp_path, tiny_base_dir, tiny_data_dir):
-    args = _args(tmp_path, tiny_base_dir, tiny_data_dir, "contrast", 12)
-    args.lr, args.contrast, args.contrast_rows = 1e-2, 1.0, 2
-    meta = train(args)
-    gaps = [e["contrast_gap"] for e in _log(args)]
-    assert len(gaps) == 12 and gaps[0] == pytest.approx(0.0, abs=1e-6)  # B starts at zero: one adapter for all
-    assert max(gaps[-3:]) > 0  # another task's adapter ends up doing this task worse
-    assert meta["train_args"]["contrast"] == 1.0
-
-
-def test_the_shared_adapter_learns_and_survives_the_checkpoint(tmp_path, tiny_base_dir, tiny_data_dir):
-    args = _args(tmp_path, tiny_base_dir, tiny_data_dir, "shared", 6)
-    args.lr, args.shared_adapter = 1e-2, True
-    meta = train(args)
-    hyper, stored = checkpoint.load(args.out)
-    assert hyper.cfg.shared_adapter and json.loads(stored["train_args"])["shared_adapter"] is True
-    assert meta["train_args"]["shared_adapter"] is True
-    assert all(b.abs().sum() > 0 for b in hyper.shared_B.values())  # B0 started at zero: it trained
-    emb = torch.randn(2, 384)
-    a, b = hyper(emb)[(1, "q_proj")]
-    assert not torch.allclose(b[0], b[1])  # the description still matters
-    with torch.no_grad():
-        for head in hyper.heads.values():
-            head.weight.zero_(), head.bias.zero_()
-        for (layer, module), (a, b) in hyper(emb).items():  # what is left is the layer's own A0, B0
-            assert torch.equal(a[1], hyper.shared_A[module][layer]) and torch.equal(b[1], hyper.shared_B[module][layer])
-
-
-def test_description_distillation_pulls_the_student_toward_the_prompted_teacher(tmp_path, tiny_base_dir, tiny_data_dir):
-    def final_kl(name: str, weight: float) -> float:
-        args = _args(tmp_path, tiny_base_dir, tiny_data_dir, name, 16)
-        args.lr, args.distill, args.distill_rows = 1e-2, weight, 2
-        meta = train(args)
-        kls = [e["distill_kl"] for e in _log(args)]
-        assert len(kls) == 16 and kls[0] > 0  # the untrained adapter is the base model without the description
-        assert meta["train_args"]["distill"] == weight
-        return sum(kls[-4:])
-
-    # SFT alone moves the student away from the prompted teacher; a heavy distill term holds it closer.
-    assert final_kl("heavy", 100.0) < final_kl("light", 1e-6)
-
-
-def test_distill_loss_is_zero_for_the_same_model_and_prompt(tiny_base):
-    tok = tiny_base.tokenizer
-    batch = collate([encode_example(tok, user_turn("2 + 2"), "4", 64)], tok.pad_token_id or 0)
-    logits, _ = answer_logits(tiny_base.model, batch)
-    assert distill_loss(tiny_base.model, logits, batch).item() == pytest.approx(0.0, abs=1e-6)
-
-
-def test_contrast_and_distill_together_are_refused(tmp_path, tiny_base_dir, tiny_data_dir):
-    args = _args(tmp_path, tiny_base_dir, tiny_data_dir, "both", 2)
-    args.contrast, args.distill = 0.5, 1.0
-    with pytest.raises(UserError, match="--contrast and --distill"):
-        train(args)
-
-
-def test_paraphrases_join_the_description_variants_and_are_recorded(tmp_path, tiny_base_dir, tiny_data_dir):
+def test_paraphrases_join_the_description_pool_and_are_recorded(tmp_path, tiny_base_dir, tiny_data_dir):
     plain = _args(tmp_path, tiny_base_dir, tiny_data_dir, "plain", 3)
     train(plain)
     para = _args(tmp_path, tiny_base_dir, tiny_data_dir, "para", 3)
@@ -170,3 +101,151 @@ def test_train_t2l_takes_the_shipped_paraphrases_unless_told_otherwise(tmp_path,
     for extra in ([], ["--paraphrases", "none"], ["--paraphrases", "mine.json"]):
         assert main([*argv, *extra]) == 0
     assert [a.paraphrases for a in seen] == [DEFAULT_PARAPHRASES, None, Path("mine.json")]
+
+
+def _three_task_data(tmp_path: Path, tiny_data_dir: Path) -> Path:
+    """The tiny data plus a third training task, and the anchor's descriptions for task1 and task3."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, root)
+    (root / "sni" / "train" / "task4_double.json").write_text(
+        json.dumps(
+            {
+                "task": "task4_double",
+                "definition": "Double the number.",
+                "categories": ["Mathematics"],
+                "instances": [{"input": "21", "output": "42"}, {"input": "5", "output": "10"}],
+            }
+        )
+    )
+    (root / "sni" / "descriptions").mkdir()
+    for name, texts in {"task1_reverse": ANCHOR, "task4_double": ["Multiply by two.", "Give twice the value."]}.items():
+        (root / "sni" / "descriptions" / f"{name}.json").write_text(json.dumps({"task": name, "descriptions": texts}))
+    return root
+
+
+ANCHOR = ["Turn the list around.", "Give the elements last to first.", "Reverse the order of the items."]
+
+
+@pytest.fixture
+def held_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """task2_sentiment is the held-out split for this test (the committed list names real SNI tasks)."""
+    path = tmp_path / "heldout.json"
+    path.write_text(json.dumps({"tasks": {"task2_sentiment": "Sentiment Analysis"}}))
+    monkeypatch.setattr(sni_splits, "HELDOUT_FILE", path)
+    return ["task2_sentiment"]
+
+
+def _record_batches(monkeypatch: pytest.MonkeyPatch, tokenizer_dir: Path) -> list[str]:
+    """Every training row as the base model reads it, decoded."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows: list[str] = []
+    real = train_t2l.collate
+
+    def recording(examples, pad_id):
+        rows.extend(tok.decode(ids) for ids, _ in examples)
+        return real(examples, pad_id)
+
+    monkeypatch.setattr(train_t2l, "collate", recording)
+    return rows
+
+
+@pytest.mark.parametrize(("kind", "describe"), [("t2l", False), ("mtl", False), ("mtl", True)])
+def test_dev_and_heldout_tasks_never_enter_training_batches(
+    tmp_path, tiny_base_dir, tiny_data_dir, held_out, monkeypatch, kind, describe
+):
+    data = _three_task_data(tmp_path, tiny_data_dir)
+    rows = _record_batches(monkeypatch, tiny_base_dir)
+    args = _args(tmp_path, tiny_base_dir, data, "run", 6, kind)
+    args.describe = describe
+    meta = train(args)
+    text = "\n".join(rows)
+    assert len(rows) == 12
+    for never in ("I love it", "I hate it", "cat", "dog"):  # task2 (held out), task3 (dev)
+        assert f"user\n{never}" not in text and f"\n\n{never}" not in text
+    assert "[1, 2]" in text or "[3, 4]" in text
+    assert "21" in text or "5<|im_end|>" in text
+    assert meta["heldout_tasks"] == held_out and meta["training_tasks"] == 2
+    assert meta["data_sha256"] != data_hash(data, "train")  # the held-out task's file is not in it
+
+
+def test_the_description_goes_before_the_input_for_condition_f(
+    tmp_path, tiny_base_dir, tiny_data_dir, held_out, monkeypatch
+):
+    data = _three_task_data(tmp_path, tiny_data_dir)
+    rows = _record_batches(monkeypatch, tiny_base_dir)
+    args = _args(tmp_path, tiny_base_dir, data, "described", 20, "mtl")
+    args.describe = True
+    meta = train(args)
+    pools = {
+        "[1, 2]": ["Reverse the given list.", *ANCHOR],
+        "[3, 4]": ["Reverse the given list.", *ANCHOR],
+        "21": ["Double the number.", "Multiply by two.", "Give twice the value."],
+        "5": ["Double the number.", "Multiply by two.", "Give twice the value."],
+    }
+    seen = set()
+    for row in rows:
+        user = row.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        description, instance_input = user.rsplit("\n\n", 1)
+        assert description in pools[instance_input]
+        seen.add(description)
+    assert len(seen) >= 5  # several descriptions of each task, not the definition alone
+    assert meta["description_sources"] == {"anchor": 2} and meta["describe"] is True
+    assert args.work_dir.joinpath("mtl-described-state.pt").is_file()
+    assert json.loads(checkpoint.read_metadata(args.out)["train_args"])["describe"] is True
+
+
+def test_t2l_records_the_anchor_descriptions_it_trained_on(tmp_path, tiny_base_dir, tiny_data_dir):
+    data = _three_task_data(tmp_path, tiny_data_dir)
+    meta = train(_args(tmp_path, tiny_base_dir, data, "anchor", 2))
+    files = [data / "sni" / "descriptions" / f"{n}.json" for n in ("task1_reverse", "task4_double")]
+    assert meta["descriptions_sha256"] == files_hash(files)
+    assert meta["description_sources"] == {"anchor": 2}
+    assert train(_args(tmp_path, tiny_base_dir, tiny_data_dir, "none", 2))["descriptions_sha256"] is None
+
+
+def test_task_stream_is_a_seeded_permutation_every_epoch():
+    stream = TaskStream(7, seed=3)
+    epochs = [[stream[k] for k in range(e * 7, (e + 1) * 7)] for e in range(4)]
+    assert all(sorted(e) == list(range(7)) for e in epochs)  # every task once per epoch
+    assert len({tuple(e) for e in epochs}) > 1  # a fresh order each epoch
+    again = TaskStream(7, seed=3)
+    assert [again[k] for k in reversed(range(28))] == [stream[k] for k in reversed(range(28))]  # any order of access
+    other = TaskStream(7, seed=4)
+    assert [other[k] for k in range(28)] != [stream[k] for k in range(28)]
+
+
+def test_draws_are_deterministic_under_a_seed_and_cover_every_description():
+    examples = [[(([1], [1]), None)], [(([2], [2]), None)], [(([3], [3]), None)]]
+    sizes = [207, 7, 1]  # a task with the anchor's 200, one with paraphrases only, one with its definition only
+
+    def draws(seed: int) -> list:
+        rng, stream = random.Random(seed), TaskStream(3, seed)
+        return [d for step in range(3000) for d in draw_batch(rng, stream, step, 2, examples, sizes)]
+
+    first = draws(0)
+    assert first == draws(0) and first != draws(1)
+    for task, size in enumerate(sizes):
+        assert {d.description for d in first if d.task == task} == set(range(size))
+    blind = draw_batch(random.Random(0), TaskStream(3, 0), 0, 2, examples, None)
+    assert all(d.description is None for d in blind)
+
+
+def test_a_run_resumes_only_on_the_data_it_started_on(tmp_path, tiny_base_dir, tiny_data_dir):
+    data = _three_task_data(tmp_path, tiny_data_dir)
+    args = _args(tmp_path, tiny_base_dir, data, "drift", 2)
+    train(args)
+    (data / "sni" / "descriptions" / "task4_double.json").write_text(
+        json.dumps({"task": "task4_double", "descriptions": ["Something else entirely."]})
+    )
+    args.steps = 4
+    with pytest.raises(UserError, match="descriptions_sha256"):
+        train(args)
+
+
+def test_describe_is_refused_for_t2l(tmp_path, tiny_base_dir, tiny_data_dir):
+    args = _args(tmp_path, tiny_base_dir, tiny_data_dir, "t2l-described", 2)
+    args.describe = True
+    with pytest.raises(UserError, match="--describe is for `train mtl`"):
+        train(args)
