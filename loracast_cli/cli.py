@@ -316,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder", choices=["minilm", "base"], help="t2l/mtl description encoder (default: minilm)")
     t.add_argument("--target-modules", help="comma-separated (default: q_proj,v_proj; d2l: down_proj)")
     t.add_argument("--rank", type=int, help="LoRA rank (default: 8; d2l: per chunk)")
-    t.add_argument("--steps", type=int, help="default: 800 (d2l: 1000)")
+    t.add_argument("--steps", type=int, help="default: 1600 (d2l: 1000)")
     t.add_argument("--batch-size", type=int, help="default: 8 (d2l: 4)")
     t.add_argument("--lr", type=float, help="default: 3e-4")
     t.add_argument(
