@@ -83,7 +83,7 @@ class Teacher:
 
     def _read_prefix(self, prefix: list[int]) -> None:
         if self._cache is not None and len(prefix) < len(self._prefix):
-            self._cache.crop(len(prefix))  # a shorter prefix of what was read: no need to read it again
+            self._cache.crop(len(prefix) - len(self._prefix))  # a shorter prefix of what was read: keep its start
         else:
             self._cache = DynamicCache()
             self.base.model(input_ids=torch.tensor([prefix]), cache=self._cache, use_cache=True)

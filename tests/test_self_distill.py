@@ -122,6 +122,17 @@ def test_only_the_layers_above_the_frozen_share_are_trained(tiny_base, wrappers)
         assert torch.equal(b, start[(layer, m)][1]) == (layer < 1)
 
 
+def test_a_teacher_asked_batch_by_batch_answers_as_one_call_even_when_later_batches_share_less(tiny_base):
+    """The first batch (one question) shares its whole prompt but the last token: the next must cut that prefix back."""
+    questions = ["Who is Mara Quintell?", "Where did Mara grow up?", "What is Brisk Harbor?"]
+    teacher = Teacher(tiny_base, DOC, k=4, max_new_tokens=5)
+    batched = teacher.answer(questions[:1]) + teacher.answer(questions[1:]) + teacher.answer(questions[:1])
+    whole = teach(tiny_base, DOC, questions + questions[:1], k=4, max_new_tokens=5)
+    for got, want in zip(batched, whole, strict=True):
+        assert got.answer_ids.tolist() == want.answer_ids.tolist()
+        assert torch.allclose(got.topk_logprobs, want.topk_logprobs, atol=1e-4)
+
+
 def test_the_frozen_layers_below_are_computed_once_and_give_the_full_forward(tiny_base, wrappers):
     """Training from layer 1 must see the same logits as the whole model: the cache is an optimization only."""
     tok = tiny_base.tokenizer
