@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 FAMILIES = ("cloze", "span", "relation", "seed", "self")
 DEFAULT_FAMILIES = ("cloze", "span", "relation", "seed")
+FIRST_FAMILIES = ("cloze", "seed", "self")  # taught before the others (see write_probes)
 
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
 _SPAN_PATTERNS = (
@@ -88,8 +89,10 @@ def cloze(sentence: str) -> str:
 
 
 def write_probes(text: str, families: Sequence[str] = DEFAULT_FAMILIES, shuffled_share: float = 0.25) -> list[Probe]:
-    """The probes of `families` for one document, interleaved so that any prefix mixes the families (the
-    teacher may stop early within its budget); every 1/shuffled_share-th probe is taught on a shuffled copy."""
+    """The probes of `families` for one document, the families that teach most per probe first: cloze and seed
+    questions interleaved, then span and relation questions interleaved (a job with little time per probe
+    teaches only a prefix: measured on three design composites of ~490 tokens, cloze and seed alone reached 24.3
+    answer-contained at 60 s, all four families 6.7). Every 1/shuffled_share-th probe is taught on a shuffled copy."""
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown probe families {unknown}; choose from {FAMILIES}")
@@ -111,7 +114,12 @@ def write_probes(text: str, families: Sequence[str] = DEFAULT_FAMILIES, shuffled
         by_family["relation"] = [f"How are {a} and {b} related?" for a, b in list(pairs)[:MAX_SPANS_PER_DOCUMENT]]
     if "seed" in by_family:
         by_family["seed"] = list(SEEDS)
-    order = [(f, q) for round_ in _round_robin(list(by_family.items())) for f, q in round_]
+    order = [
+        (f, q)
+        for group in (FIRST_FAMILIES, set(FAMILIES) - set(FIRST_FAMILIES))
+        for round_ in _round_robin([(f, qs) for f, qs in by_family.items() if f in group])
+        for f, q in round_
+    ]
     every = round(1 / shuffled_share) if shuffled_share > 0 else 0
     return [Probe(f, q, shuffled=bool(every) and i % every == every - 1) for i, (f, q) in enumerate(order)]
 

@@ -48,6 +48,7 @@ LOSSES = ("kl", "ce")
 TEACHER_BATCH = 16  # probes decoded together: bigger batches are faster per probe, smaller ones stop sooner
 WINDOW_TOKENS = 1024  # the most document the teacher reads at once: longer documents are taught window by window
 MAX_ROWS = 2048  # training rows kept per document (their frozen-below states are held in memory)
+MIN_PASSES = 4  # the teacher adds probes only while the student can still train on each this often
 KEPT_TEACHERS = 4  # texts whose prefix stays cached between teacher batches (~47 MB each for 1,024 tokens)
 PHASES = ("start", "probes", "teacher", "distill", "done")
 
@@ -220,7 +221,11 @@ def distill_document(
     # Teach a batch whenever the student has too few rows or the teacher is under its share of the time so far;
     # train otherwise. Learning starts after one batch, not after every probe is answered.
     while clock.elapsed() < cfg.budget_s and student.step < cfg.max_steps:
-        teaching = bool(plan) and clock.elapsed() < cfg.teacher_share * cfg.budget_s
+        teaching = (
+            bool(plan)
+            and clock.elapsed() < cfg.teacher_share * cfg.budget_s
+            and student.has_room(len(plan[0][1]), cfg.budget_s - clock.elapsed())
+        )
         if teaching and (len(student.rows) < cfg.batch_size or report.teacher_s <= cfg.teacher_share * clock.elapsed()):
             text, batch = plan.pop(0)
             clock.tick("teacher", student.step, student.loss)
@@ -232,9 +237,8 @@ def distill_document(
             continue
         if not student.rows:
             break
-        t = time.perf_counter()
         student.train_step()
-        report.train_s += time.perf_counter() - t
+        report.train_s = student.train_s
         clock.tick("distill", student.step, student.loss, report.train_s / student.step, cfg.max_steps)
         if on_step is not None:
             with clock.paused():
@@ -309,11 +313,19 @@ class _Student:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.order: list[int] = []
         self.losses: list[float] = []
-        self.step = 0
+        self.step, self.train_s = 0, 0.0
 
     @property
     def loss(self) -> float:
         return self.losses[-1] if self.losses else float("nan")
+
+    def has_room(self, more: int, remaining_s: float) -> bool:
+        """Whether `more` rows can still each be trained on MIN_PASSES times in `remaining_s`, at the step time so
+        far (unknown before the first step: yes). Past that, more probes only thin out the passes over each."""
+        if self.step == 0:
+            return True
+        steps = self.step + remaining_s / (self.train_s / self.step)
+        return len(self.rows) + more <= steps * self.cfg.batch_size / MIN_PASSES
 
     def learn(self, questions: Sequence[str], targets: Sequence[Target]) -> None:
         first = len(self.rows)
@@ -324,6 +336,7 @@ class _Student:
         self.order = fresh.tolist() + self.order
 
     def train_step(self) -> None:
+        t = time.perf_counter()
         cfg = self.cfg
         if len(self.order) < cfg.batch_size:
             self.order += torch.randperm(len(self.rows), generator=self.gen).tolist()
@@ -344,6 +357,7 @@ class _Student:
         self.opt.step()
         self.step += 1
         self.losses.append(value.item())
+        self.train_s += time.perf_counter() - t
 
     def plateaued(self) -> bool:
         """The mean probe loss over about one pass through the rows is below `plateau_loss`."""
