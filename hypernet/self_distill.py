@@ -19,6 +19,8 @@ window in turn) whenever the student has too few rows or the teacher has used le
 time so far, and stops at `teacher_share` of the budget, so a long document keeps time to train; the student
 trains on what has been answered, newest rows first. Learning starts after one batch rather than after the
 whole teacher (measured on three design profiles: 13.7 vs 0 answer-contained at 15 s, 39.9 vs 14.3 at 60 s).
+The teacher also stops adding probes once the student could no longer train on each MIN_PASSES times in the
+budget left: a long document's probes past that only thin out the passes (probes.py puts the best first).
 A job with budget t returns what a longer job holds after t seconds: one long run gives the curve. Progress
 goes to `on_progress`; `cancelled()` is polled between steps and teacher batches and raises `Cancelled`.
 """
