@@ -18,6 +18,7 @@ non-zero. Ratios compare runs made side by side in the same section; absolute ti
 | delivery | bench_delivery.py | (description -> first token new / cached / after restart, hot-swap, streaming) |
 | scaling | bench_scaling.py | (plots against rank, target modules and document length) |
 | load | tests/test_load.py | (32 clients: answered / refused, p50 / p99) |
+| sim_fleet | sim_fleet.py | (10,000 workers modelled on the results above; 200 replayed on 2 coordinators + Redis) |
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ SECTIONS = (
     Section("delivery", ("bench/bench_delivery.py",), "delivery.json"),
     Section("scaling", ("bench/bench_scaling.py",), "scaling.json"),
     Section("load", ("-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_load.py"), "load.json"),
+    # Last: its model reads delivery.json, scaling.json and d2l_vs_cd.json.
+    Section("sim_fleet", ("bench/sim_fleet.py",), "sim_fleet.json"),
 )
 SECTION_FILES = {s.name: s.result for s in SECTIONS}
 
