@@ -12,6 +12,7 @@ from hypernet import checkpoint, eval_t2l, sni_splits
 from hypernet.eval_t2l import CONDITIONS, evaluate, score, table
 from hypernet.train_t2l import TrainArgs, train
 from loracast.errors import UserError
+from loracast_cli.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,13 @@ def test_scores_normalize_and_take_the_best_gold_answer():
     partial = score("the answer is positive", ("positive",))
     assert partial["exact"] == 0 and partial["contained"] == 100 and 0 < partial["rougeL"] < 100
     assert score("impositive", ("positive",))["contained"] == 0  # whole words only
+
+
+def test_the_command_line_passes_the_split_conditions_and_fs_checkpoint(tmp_path, monkeypatch, capsys):
+    seen: dict = {}
+    monkeypatch.setattr(eval_t2l, "evaluate", lambda *a, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(eval_t2l, "table", lambda result: "table")
+    argv = ["eval", "t2l", "--data", str(tmp_path), "--split", "heldout", "--conditions", "abcde"]
+    assert main([*argv, "--mtl-described", "f.safetensors"]) == 0
+    assert (seen["split"], seen["conditions"], seen["described_path"]) == ("heldout", "abcde", Path("f.safetensors"))
+    assert main(argv) == 0 and seen["described_path"] == checkpoint.DEFAULT_MTL_DESCRIBED

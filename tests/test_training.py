@@ -249,3 +249,14 @@ def test_describe_is_refused_for_t2l(tmp_path, tiny_base_dir, tiny_data_dir):
     args.describe = True
     with pytest.raises(UserError, match="--describe is for `train mtl`"):
         train(args)
+
+
+def test_train_mtl_describe_writes_condition_fs_checkpoint_by_default(tmp_path, monkeypatch):
+    seen: list[TrainArgs] = []
+    monkeypatch.setattr(train_t2l, "train", lambda a: seen.append(a) or {"final_loss_50": 0.0, "wall_s_this_run": 0})
+    for extra in ([], ["--describe"]):
+        assert main(["train", "mtl", "--data", str(tmp_path), "--work-dir", str(tmp_path), *extra]) == 0
+    assert [(a.describe, a.out) for a in seen] == [
+        (False, checkpoint.DEFAULT_MTL),
+        (True, checkpoint.DEFAULT_MTL_DESCRIBED),
+    ]
