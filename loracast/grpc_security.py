@@ -7,8 +7,10 @@ secret; the server side of the check is `loracast.grpc_server`'s interceptor).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -57,20 +59,24 @@ class ClientSecurity:
     token: str | None = None
 
 
-def open_channel(target: str, security: ClientSecurity | None = None) -> grpc.Channel:
-    """A channel to `target` (HOST:PORT) with TLS, a client certificate and a bearer token as configured."""
+def open_channel(
+    target: str, security: ClientSecurity | None = None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.Channel:
+    """A channel to `target` (HOST:PORT, or any gRPC target) with TLS, a client certificate and a bearer token as
+    configured; `options` add channel arguments (a service config, say)."""
     security = security or ClientSecurity()
+    options = [*CHANNEL_OPTIONS, *options]
     if security.tls_ca is None:
         if security.client_cert is not None:
             raise ConfigError("a client certificate needs TLS: add the server's CA")
-        channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        channel = grpc.insecure_channel(target, options=options)
     else:
         creds = grpc.ssl_channel_credentials(
             _read(security.tls_ca, "CA certificate"),
             _read(security.client_key, "client key"),
             _read(security.client_cert, "client certificate"),
         )
-        channel = grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+        channel = grpc.secure_channel(target, creds, options=options)
     if security.token:
         channel = grpc.intercept_channel(channel, _TokenInterceptor(security.token))
     return channel

@@ -25,8 +25,11 @@ class LaunchError(UserError):
     """A server exited or stayed silent before it was ready; the message holds the end of its log."""
 
 
-def coordinator_argv(*, listen: str, metrics_port: int, cache_dir: str, base: str, checkpoint: str) -> list[str]:
-    """`loracast` arguments for the coordinator."""
+def coordinator_argv(
+    *, listen: str, metrics_port: int, cache_dir: str, base: str, checkpoint: str, store: str | None = None
+) -> list[str]:
+    """`loracast` arguments for the coordinator (`store`: a Redis URL shared by a cluster; None: `cache_dir`)."""
+    store_flag = [] if store is None else ["--store", store]
     return [
         "coordinator",
         "serve",
@@ -40,6 +43,7 @@ def coordinator_argv(*, listen: str, metrics_port: int, cache_dir: str, base: st
         base,
         "--checkpoint",
         checkpoint,
+        *store_flag,
     ]
 
 

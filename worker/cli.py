@@ -109,7 +109,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     s = commands.add_parser("serve", help="serve Generate / ListAdapters / Prefetch over gRPC until SIGTERM")
     s.add_argument("--listen", default="127.0.0.1:50052", help="HOST:PORT (port 0 picks a free one)")
-    s.add_argument("--coordinator", help="HOST:PORT of the coordinator (without: resident adapters and base only)")
+    s.add_argument(
+        "--coordinator",
+        help="HOST:PORT of the coordinator, several comma-separated, or dns:///NAME:PORT: round-robin over the healthy"
+        " ones (without: resident adapters and base only)",
+    )
     s.add_argument("--metrics-port", type=int, default=9465, help="Prometheus /metrics port (0 picks a free one)")
     s.add_argument("--capacity-mb", type=float, default=256.0, help="adapter cache size on disk")
     _model_options(s)

@@ -4,15 +4,24 @@ It owns the channel and the stub, sends a request's settings (the adapters' dtyp
 own), streams a document in and its progress back, and turns the coordinator's failures into the statuses the
 Worker service documents. The worker's servicer asks it for adapters and never sees the Coordinator protocol;
 resuming an interrupted transfer is the adapter store's job (`worker.adapter_store`), through `fetch_source`.
+
+Several coordinators (sharing one Redis store) are one channel: gRPC's round_robin over the healthy ones
+(`grpc.health.v1`, service loracast.v1.Coordinator), calls that find one unreachable retried on another (every
+Coordinator call is idempotent: adapters are content addressed), and a transfer cut by a coordinator's death
+resumed from its offset on the next one, which streams the same bytes from the shared store.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import socket
 import time
 from collections.abc import Generator, Iterator
 
 import grpc
 
+from loracast.errors import ConfigError
 from loracast.grpc_errors import RETRY_AFTER_MS, RequestError
 from loracast.grpc_security import ClientSecurity, open_channel
 from loracast.v1 import loracast_pb2 as pb
@@ -20,6 +29,53 @@ from loracast.v1 import loracast_pb2_grpc as pb_grpc
 from worker.adapter_store import ChunkSource
 
 DOCUMENT_CHUNK = 64 * 1024  # bytes per DocumentChunk sent to the coordinator
+_SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": _SERVICE},
+        "methodConfig": [
+            {
+                "name": [{"service": _SERVICE}],
+                # A coordinator that died or went away: the call goes to another (before any reply came back).
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+
+
+def channel_target(coordinators: str) -> str:
+    """`--coordinator` as a gRPC target: HOST:PORT, a gRPC target such as dns:///NAME:PORT (every address the name
+    has, looked up again as they change), or several HOST:PORT separated by commas (names among them looked up
+    once, here: for a changing set, use a DNS name)."""
+    addresses = [address.strip() for address in coordinators.split(",") if address.strip()]
+    if len(addresses) == 1:
+        return addresses[0]
+    if not addresses or any("/" in address for address in addresses):
+        raise ConfigError(f"--coordinator {coordinators!r}: give HOST:PORT[,HOST:PORT...] or one dns:///NAME:PORT")
+    resolved: dict[int, list[str]] = {4: [], 6: []}
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--coordinator: {address!r} is not HOST:PORT")
+        try:
+            found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConfigError(f"--coordinator: cannot look up {host}: {exc.strerror or exc}") from None
+        for *_, (ip, *_) in found:
+            version = ipaddress.ip_address(ip).version
+            entry = f"{ip}:{port}" if version == 4 else f"[{ip}]:{port}"
+            if entry not in resolved[version]:
+                resolved[version].append(entry)
+    version = 4 if resolved[4] else 6  # one target holds one address family
+    return f"ipv{version}:{','.join(resolved[version])}"
 
 
 def _document_chunks(ref: pb.AdapterRef, dtype: int) -> Iterator[pb.DocumentChunk]:
@@ -48,16 +104,17 @@ DEFAULT_BUDGET_ALLOWANCE_S = 3600.0
 
 
 class CoordinatorClient:
-    """A channel to the coordinator at `target`. Each call takes the worker's own call (`context`): the coordinator
-    call ends within its deadline, and within `timeout` seconds (plus a document's budget). A coordinator that
-    refuses for load without saying when to retry is passed on with `busy_retry_ms`, the worker's own advice."""
+    """A channel to the coordinators at `target` (see `channel_target`). Each call takes the worker's own call
+    (`context`): the coordinator call ends within its deadline, and within `timeout` seconds (plus a document's
+    budget). A coordinator that refuses for load without saying when to retry is passed on with `busy_retry_ms`,
+    the worker's own advice."""
 
     def __init__(self, target: str, security: ClientSecurity, dtype: int, timeout: float, busy_retry_ms: int) -> None:
         self.target = target
         self.dtype = dtype  # of the adapters fetched
         self.timeout = timeout
         self.busy_retry_ms = busy_retry_ms
-        self._channel = open_channel(target, security)
+        self._channel = open_channel(channel_target(target), security, [("grpc.service_config", SERVICE_CONFIG)])
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:
