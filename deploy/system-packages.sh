@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The Debian packages the tests run for real (Prometheus scrapes the servers in tests/test_system.py).
+# The Debian packages the tests run for real (Prometheus scrapes the servers in tests/test_system.py; coordinators
+# share a Redis store in tests/test_adapter_store.py and tests/test_cluster.py).
 # Installs the missing ones as root or through sudo; otherwise names the command to run and fails.
 set -euo pipefail
-packages=(prometheus)
-commands=(prometheus)
+packages=(prometheus redis-server)
+commands=(prometheus redis-server)
 missing=()
 for i in "${!packages[@]}"; do
     command -v "${commands[$i]}" >/dev/null || missing+=("${packages[$i]}")

@@ -52,7 +52,7 @@ def compose_commands() -> dict[str, list[str]]:
     """The commands docker-compose.yml must give its services: the functions above, with the compose hosts."""
     worker = worker_argv(
         listen="0.0.0.0:50052",
-        coordinator="coordinator:50051",
+        coordinator="coordinator-1:50051,coordinator-2:50051",
         metrics_port=9102,
         cache_dir="/var/lib/loracast/adapters",
         capacity_mb=512,
@@ -64,8 +64,9 @@ def compose_commands() -> dict[str, list[str]]:
         cache_dir="/var/lib/loracast/adapters",
         base="smollm2",
         checkpoint="/app/hypernet/checkpoints/t2l.safetensors",
+        store="redis://redis:6379/0",
     )
-    return {"coordinator": coordinator, "worker-1": worker, "worker-2": worker}
+    return {"coordinator-1": coordinator, "coordinator-2": coordinator, "worker-1": worker, "worker-2": worker}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,7 +132,9 @@ def test_prometheus_scrapes_every_server_compose_starts():
         for job in config["scrape_configs"]
     }
     assert targets == {
-        COORDINATOR_JOB: [f"coordinator:{_flag(commands['coordinator'], '--metrics-port')}"],
+        COORDINATOR_JOB: [
+            f"{name}:{_flag(commands[name], '--metrics-port')}" for name in ("coordinator-1", "coordinator-2")
+        ],
         WORKER_JOB: [f"{name}:{_flag(commands[name], '--metrics-port')}" for name in ("worker-1", "worker-2")],
     }
     prometheus = _yaml(COMPOSE_FILE)["services"]["prometheus"]
