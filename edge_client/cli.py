@@ -8,12 +8,15 @@ one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import TYPE_CHECKING
 
 from loracast.progress import add_budget_flag
 
 if TYPE_CHECKING:
     from loracast.grpc_security import ClientSecurity
+
+log = logging.getLogger(__name__)
 
 
 def _read(path: str, flag: str) -> bytes:
@@ -75,6 +78,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
     }
     printed = False
     bar = InternalizationBar()
+    source = "task" if args.task is not None else "document" if args.doc is not None else "id"
+    log.debug("asking the worker at %s, the adapter by %s", args.worker, source)
 
     def show(p: Progress) -> None:
         bar.update(p.phase, p.step, p.probe_loss, p.elapsed_seconds, p.estimate_seconds)
@@ -104,6 +109,13 @@ def cmd_ask(args: argparse.Namespace) -> None:
                     printed = True
                 elif isinstance(event, Done):
                     print()
+                    t = event.timings
+                    log.debug(
+                        "%d tokens; at the worker %.2f s, first token %.2f s",
+                        event.tokens,
+                        t.total_seconds,
+                        t.first_token_seconds,
+                    )
                     printed = False
     except UserError:
         if printed:  # end the partial answer's line so the error stands on its own

@@ -6,8 +6,7 @@ else is a bug, answered INTERNAL with the traceback in the server's log.
 
 from __future__ import annotations
 
-import sys
-import traceback
+import logging
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NoReturn
@@ -15,6 +14,7 @@ from typing import NoReturn
 import grpc
 
 RETRY_AFTER_MS = "retry-after-ms"
+log = logging.getLogger(__name__)
 
 
 class MalformedRequest(ValueError):
@@ -40,18 +40,22 @@ def abort(
     statuses: Mapping[type[Exception], grpc.StatusCode] = MappingProxyType({}),
 ) -> NoReturn:
     """End the call with the status an error stands for: a RequestError's own; for an exception of a type in
-    `statuses`, that status and its message. Anything else is a bug: INTERNAL, traceback to stderr."""
+    `statuses`, that status and its message. Anything else is a bug: INTERNAL, the traceback logged."""
     if isinstance(exc, grpc.RpcError) and not context.is_active():  # the client left mid-stream: not a bug
         context.abort(grpc.StatusCode.CANCELLED, "the client went away")
     if isinstance(exc, RequestError):
-        if exc.retry_after_ms:
-            retry_later(context, exc.retry_after_ms, exc.message)
-        context.abort(exc.code, exc.message)
-    for kind, code in statuses.items():
-        if isinstance(exc, kind):
-            context.abort(code, str(exc))
-    traceback.print_exception(exc, file=sys.stderr)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in the {component} ({type(exc).__name__}); see its log")
+        code, message = exc.code, exc.message
+    else:
+        code, message = next((code for kind, code in statuses.items() if isinstance(exc, kind)), None), str(exc)
+    if code is None:
+        log.error("%s: a bug answered INTERNAL", component, exc_info=exc)
+        context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error in the {component} ({type(exc).__name__}); see its log"
+        )
+    log.debug("%s refused a call: %s %s", component, code.name, message)
+    if isinstance(exc, RequestError) and exc.retry_after_ms:
+        retry_later(context, exc.retry_after_ms, message)
+    context.abort(code, message)
 
 
 def retry_later(context: grpc.ServicerContext, retry_after_ms: int, message: str) -> None:

@@ -4,9 +4,9 @@ reflection, /metrics, and the lifecycle from start to drain.
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -26,6 +26,7 @@ from loracast.grpc_security import CHANNEL_OPTIONS, ServerSecurity
 
 HEALTH_SERVICE = health.SERVICE_NAME
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 RPC_TOTAL = Counter("loracast_rpc_total", "Finished RPCs by gRPC status code", ["component", "method", "code"])
 RPC_SECONDS = Histogram(
@@ -279,14 +280,16 @@ def start_metrics(port: int, host: str) -> ThreadingHTTPServer:
 
 
 def wait_for_signal(ready_line: str, stop: Callable[[float], None], grace: float = 5.0) -> None:
-    """Print one ready line, serve until SIGTERM or SIGINT, then `stop(grace)` (the server's own drain)."""
+    """Print one ready line to stdout (what a launcher waits for), serve until SIGTERM or SIGINT, then `stop(grace)`
+    (the server's own drain)."""
     signalled = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: signalled.set())
     print(ready_line, flush=True)
     signalled.wait()
+    log.info("stopping: calls in flight have %.0f s to finish", grace)
     stop(grace)
-    print("stopped", file=sys.stderr, flush=True)
+    log.info("stopped")
 
 
 def wait_until_serving(channel: grpc.Channel, timeout: float = 60.0) -> None:

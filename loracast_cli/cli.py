@@ -17,6 +17,7 @@ import types
 from pathlib import Path
 
 from loracast.errors import UserError
+from loracast.logs import DEFAULT_LEVEL, LEVELS, configure_logging
 from loracast.paths import DEFAULT_BASE, write_json
 from loracast.progress import add_budget_flag
 
@@ -280,6 +281,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loracast", description="Text in, LoRA adapters out.")
+    p.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        default=DEFAULT_LEVEL,
+        help="the least severe log lines shown on stderr (servers log each adapter fetched, evicted or refused)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="description or document -> PEFT adapter directory")
@@ -392,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = parser().parse_args(argv)
+    configure_logging(args.log_level)
     if getattr(args, "uses_transformers", False):  # the environment is read at import; it may be imported already
         from transformers.utils import logging as hf_logging
 

@@ -359,7 +359,7 @@ def test_a_connection_cut_mid_stream_is_resumed_from_the_workers_offset(
 
 
 def test_a_flipped_byte_in_the_stream_is_detected_and_never_installed(
-    coordinator, proxy, start_worker, fingerprint, tmp_path, capfd
+    coordinator, proxy, start_worker, fingerprint, tmp_path, caplog
 ):
     _, big = coordinator
     proxy.arm(Fault("flip", FLIP_AT))
@@ -368,7 +368,7 @@ def test_a_flipped_byte_in_the_stream_is_detected_and_never_installed(
     received = metrics.BYTES_RECEIVED._value.get()
     answer = ask(f"127.0.0.1:{worker.port}", adapter_id=big.manifest.adapter_id)
     received = metrics.BYTES_RECEIVED._value.get() - received
-    log = capfd.readouterr().err
+    log = caplog.text  # the worker's log
     # Where the byte lands decides how it shows: in the payload, the SHA-256 check fails and the adapter is
     # fetched again from 0; in HTTP/2 framing, the connection fails and the transfer resumes.
     detected = [line for line in log.splitlines() if "SHA-256" in line or "resuming" in line]

@@ -8,6 +8,7 @@ matrices for the tiny model, so the comparison with PyTorch + PEFT means somethi
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -716,7 +717,7 @@ def test_a_saturated_worker_refuses_with_resource_exhausted_and_retry_after(coor
 
 
 def test_a_bug_is_internal_with_one_line_for_the_client_and_the_traceback_in_the_log(
-    start_worker, connect, capfd, monkeypatch
+    start_worker, connect, caplog, monkeypatch
 ):
     worker = start_worker()
 
@@ -727,8 +728,9 @@ def test_a_bug_is_internal_with_one_line_for_the_client_and_the_traceback_in_the
     error = refused(connect(worker).Generate, pb.GenerateRequest(prompt=PROMPT), timeout=WAIT)
     assert error.code() == grpc.StatusCode.INTERNAL
     assert error.details() == "internal error in the worker (RuntimeError); see its log"
-    log = capfd.readouterr().err
-    assert "Traceback" in log and "secret detail" in log
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.name == "loracast.grpc_errors" and "worker" in record.getMessage()
+    assert "Traceback" in caplog.text and "secret detail" in caplog.text
 
 
 class _EndlessDecoder:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -58,6 +58,7 @@ RETRYABLE = frozenset(
 # (adapter id, offset) -> a FetchAdapter response stream: the manifest, then data chunks from `offset`.
 ChunkSource = Callable[[str, int], Iterable[pb.AdapterChunk]]
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -187,7 +188,7 @@ class AdapterStore:
                 manifest = read_installed(self.root, path.name, self.fingerprint).manifest
                 found.append(((path / MANIFEST).stat().st_mtime_ns, manifest))
             except (OSError, DecodeError, adapter_wire.WireError) as exc:
-                print(f"worker: dropping cached adapter {path.name[:64]}: {exc}", file=sys.stderr, flush=True)
+                log.warning("dropping cached adapter %s: %s", path.name[:64], exc)
                 _remove(path)
         for mtime, manifest in sorted(found, key=lambda item: item[0]):
             self._entries[manifest.adapter_id] = manifest
@@ -236,7 +237,7 @@ class AdapterStore:
         except (OSError, DecodeError, adapter_wire.WireError) as exc:
             with self._lock:
                 if adapter_id in self._entries:  # damaged on disk since it was installed: fetch it again
-                    print(f"worker: dropping cached adapter {adapter_id}: {exc}", file=sys.stderr, flush=True)
+                    log.warning("dropping cached adapter %s: %s", adapter_id, exc)
                     self._drop(adapter_id)
             return None
         return found
@@ -260,8 +261,7 @@ class AdapterStore:
         try:
             write_file(self.root / SOURCES, json.dumps(self._sources, sort_keys=True).encode(), durable=True)
         except OSError as exc:  # it only spares coordinator calls: a full disk must not fail a served request
-            message = f"worker: cannot save {self.root / SOURCES} ({exc.strerror}): the index stays in memory"
-            print(message, file=sys.stderr, flush=True)
+            log.warning("cannot save %s (%s): the index stays in memory", self.root / SOURCES, exc.strerror)
 
     # -- installing -------------------------------------------------------------------------------------------
 
@@ -381,11 +381,13 @@ class AdapterStore:
                     if restarted:
                         stored.unlink()
                         raise AdapterRejected(f"{exc}; it failed again from scratch: not installed") from None
-                    print(f"worker: {exc}; fetching it again from offset 0", file=sys.stderr, flush=True)
+                    log.warning("adapter %s: %s; fetching it again from offset 0", _short(adapter_id), exc)
                     restarted = True
                     continue
                 self._install(manifest, part)
-                metrics.TRANSFER.observe(time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                metrics.TRANSFER.observe(seconds)
+                log.info("installed adapter %s: %d bytes in %.2f s", _short(adapter_id), manifest.total_size, seconds)
                 return Resident(manifest, adapter, spec, was_resident=False)
             failures += 1
             if failures > self.retries:
@@ -393,7 +395,7 @@ class AdapterStore:
                     f"adapter {_short(adapter_id)}: the transfer broke {failures} times (last: {problem}); "
                     "what arrived is kept, ask again to resume"
                 )
-            print(f"worker: adapter {_short(adapter_id)}: {problem}; resuming", file=sys.stderr, flush=True)
+            log.warning("adapter %s: %s; resuming", _short(adapter_id), problem)
 
     def _receive(
         self, adapter_id: str, source: ChunkSource, manifest: pb.AdapterManifest | None, offset: int
@@ -467,6 +469,7 @@ class AdapterStore:
         used = sum(m.total_size for m in self._entries.values())
         while self._entries and used + incoming > self.capacity_bytes:
             adapter_id, manifest = next(iter(self._entries.items()))
+            log.info("evicting adapter %s (%d bytes), the least recently used", _short(adapter_id), manifest.total_size)
             self._drop(adapter_id)
             used -= manifest.total_size
 

@@ -23,6 +23,7 @@ rank. The `mode` label of the apply-time metric says which was used.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -52,6 +53,7 @@ from worker.onnx_session import OnnxDecoder
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 BUSY_RETRY_MS = 500  # what a refused client is told to wait: roughly one short generation
 MODES = {pb.APPLY_MODE_UNSPECIFIED: "hot_swap", pb.HOT_SWAP: "hot_swap", pb.MERGED: "merged"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -240,6 +242,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 total_seconds=time.perf_counter() - start,
             )
             yield pb.GenerateEvent(done=pb.GenerateEvent.Done(tokens=count, timings=timings))
+            log.debug(
+                "answered with adapter %s (%s): %d tokens in %.2f s",
+                resident.manifest.adapter_id[:12] if resident else "none",
+                mode,
+                count,
+                timings.total_seconds,
+            )
         finally:
             self._slots.release()
 
@@ -365,6 +374,13 @@ def start(config: WorkerConfig) -> RunningWorker:
         raise ConfigError(f"{model_dir} records no base model fingerprint: export it again with `--base`")
     tokenizer = ChatTokenizer(model_dir)
     store = AdapterStore(config.cache_dir, config.capacity_bytes, decoder.fingerprint)
+    log.info(
+        "model %s (base %s…), %d adapters resident in %s",
+        model_dir,
+        decoder.fingerprint[:12],
+        len(store.resident()),
+        config.cache_dir,
+    )
     servicer = WorkerServicer(config, decoder, tokenizer, store, coordinator)
     # Threads beyond the generation slots answer ListAdapters, Prefetch and refusals while generations run.
     server = create_server(metrics.COMPONENT, config.security, max_workers=config.max_concurrent_answers + 8)
