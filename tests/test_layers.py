@@ -62,3 +62,15 @@ def test_the_worker_reaches_the_coordinator_only_through_its_client():
     assert [user for user in users if "CoordinatorStub" in _identifiers(ROOT / user)] == [
         "worker/coordinator_client.py"
     ]
+
+
+def test_each_d2l_data_source_builds_only_on_the_documents_and_names_modules():
+    """One file per source: a source module may use the shared Document and invented names, never another source."""
+    package = ROOT / "hypernet" / "d2l_data"
+    shared = {"hypernet.d2l_data.documents", "hypernet.d2l_data.names"}
+    for path in sorted(package.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        used = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert {m for m in used if m.startswith("hypernet.d2l_data")} <= shared, path.name
