@@ -334,7 +334,8 @@ def cluster(coordinators: int, work: Path) -> Iterator[list[Any]]:
             )
             started.append(process)
             servers.append(process)
-        yield [(p, (line := p.wait_ready("coordinator", 300))["grpc"], int(line["metrics"])) for p in servers]
+        # Minutes on a loaded machine: loading the base model and the hypernetwork.
+        yield [(p, (line := p.wait_ready("coordinator", 1200))["grpc"], int(line["metrics"])) for p in servers]
         for process in reversed(started):
             process.terminate()
     finally:
