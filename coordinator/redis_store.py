@@ -158,7 +158,6 @@ class RedisStore:
         self._held: OrderedDict[str, WireAdapter] = OrderedDict()
         self._waiters: dict[str, set[threading.Event]] = {}
         self._claims: dict[str, str] = {}  # claim key -> fencing token, of the claims this process holds
-        metrics.STORE_ERRORS.labels(backend=self.backend)  # the series exists (at 0) before the first error
         try:
             self._probe.ping()
         except RedisError as exc:

@@ -257,7 +257,7 @@ class _Job:
                 raise RequestError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while this adapter was being made"
                 )
-            if not context.is_active():
+            if not context.is_active() or outcome is not None:
                 raise RequestError(grpc.StatusCode.CANCELLED, "the caller went away")
 
 
@@ -633,6 +633,7 @@ def start(
         from coordinator.redis_store import RedisStore
 
         store = RedisStore(config.store, config.cache_capacity_bytes)
+    metrics.STORE_ERRORS.labels(backend=store.backend)  # the series exists (at 0) before the first error
     metrics.CACHED_ADAPTERS.set_function(lambda: store.stats()[0])
     metrics.CACHED_BYTES.set_function(lambda: store.stats()[1])
     servicer = CoordinatorServicer(config, store, nets, fingerprint, clock)

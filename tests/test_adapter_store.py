@@ -214,7 +214,7 @@ def test_an_outage_degrades_to_serving_alone_and_recovers_by_itself(redis_server
 
     store.watch(functools.partial(on_change, "store"))
     other.watch(functools.partial(on_change, "other"))
-    errors = REGISTRY.get_sample_value("loracast_store_errors_total", {"backend": "redis"})
+    errors = REGISTRY.get_sample_value("loracast_store_errors_total", {"backend": "redis"}) or 0.0
     redis_server.stop(signal.SIGKILL)
     key, adapter, spec, metadata = _small(9)
     wire = store.put(key, adapter, spec, metadata, pb.FLOAT32)  # made while Redis is down: held here
@@ -270,3 +270,34 @@ def test_coordinators_sharing_redis_make_each_text_once_and_page_for_each_other(
         adapter_wire.decode(manifest, payload)
         assert not (tmp_path / "a").exists()  # the local directory is not used with a store
         refused(lambda: fetch(b, "0" * 64), grpc.StatusCode.NOT_FOUND)
+
+
+def _store_health_becomes(port: int, status: int) -> None:
+    """Block on the coordinator's health Watch stream until the store's service reports `status` (no polling)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=STORE_HEALTH), timeout=TIMEOUT
+        )
+        try:
+            assert any(reply.status == status for reply in watch)
+        finally:
+            watch.cancel()
+
+
+def test_a_coordinator_whose_redis_is_down_still_makes_adapters_and_says_so(
+    tmp_path: Path, generator, redis_server: RedisServer
+) -> None:
+    recorder = Recorder(generator)
+    with serving(tmp_path / "unused", recorder, store=redis_server.url) as (running, stub):
+        describe(stub, "Task one: answer with the word red.")
+        redis_server.stop(signal.SIGKILL)
+        made = describe(stub, "Task two: answer with the word green.")  # generation goes on without the store
+        _store_health_becomes(running.port, health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert REGISTRY.get_sample_value("loracast_store_up") == 0
+        manifest, payload = fetch(stub, made.manifest.adapter_id)  # held by this coordinator meanwhile
+        adapter_wire.decode(manifest, payload)
+        redis_server.start()
+        _store_health_becomes(running.port, health_pb2.HealthCheckResponse.SERVING)  # no restart of its own
+        assert REGISTRY.get_sample_value("loracast_store_up") == 1
+        assert describe(stub, "Task two: answer with the word green.").cached
+        assert len(recorder.calls) == 2
