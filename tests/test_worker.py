@@ -411,7 +411,8 @@ def test_a_document_distilled_by_the_real_coordinator_streams_its_progress_befor
     started, text, done = ask(stub, pb.AdapterRef(document=document, budget_seconds=1.0), progress=progress)
     assert not started.resident and text and done.tokens == NEW_TOKENS
     order = [p.phase for i, p in enumerate(progress) if i == 0 or p.phase != progress[i - 1].phase]
-    assert order[:3] == ["start", "probes", "teacher"] and order[-1] == "done" and len(set(order)) == len(order)
+    assert order[:3] == ["start", "probes", "teacher"] and order[-1] == "done"
+    assert set(order[3:-1]) <= {"teacher", "distill"}  # the teacher's batches and the training steps take turns
     assert progress[0].estimate_seconds == 1.0 and progress[-1].elapsed_seconds >= progress[0].elapsed_seconds
     progress.clear()
     again, _, _ = ask(stub, pb.AdapterRef(document=document, budget_seconds=1.0), progress=progress)
