@@ -200,8 +200,9 @@ def _poll(what: str, check: Callable[[], Any], timeout: float, log: Callable[[],
             last = check()
         except OSError as exc:  # Prometheus still starting: connection refused
             last = exc
-        if last:
-            return last
+        else:
+            if last:
+                return last
         time.sleep(0.2)
     pytest.fail(f"{what}: not within {timeout:.0f} s (last: {last})\n{log()}")
 
