@@ -31,9 +31,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from common import PeakRss, rss_mb, the_document
 
 from loracast.plots import figure
 
@@ -41,47 +42,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MILESTONES = (1, 10, 100)
 
 
-class PeakRss:
-    """The largest resident set size of this process seen while active (a 2 ms sampling thread)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            self._stop.wait(0.002)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-
 def lifetime_peak_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def the_document(tokens: int, questions: int) -> tuple[str, list[str]]:
-    from hypernet.eval_d2l import speed_documents
-    from worker.chat import ChatTokenizer
-    from worker.model_cache import prepare
-
-    tok = ChatTokenizer(prepare("smollm2"))
-    doc = speed_documents(1, tokens, seed=7, count_tokens=lambda s: len(tok.encode(s)))[0]
-    asked = [doc.qas[i % len(doc.qas)].question for i in range(questions)]
-    return doc.text, asked
 
 
 def role_internalize(args: argparse.Namespace) -> dict:
@@ -139,12 +103,6 @@ def role_answer(args: argparse.Namespace) -> dict:
         "answering_peak_mb": peak.peak / 2**20,
         "process_peak_mb": lifetime_peak_mb(),
     }
-
-
-def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def run_role(role: str, args: argparse.Namespace, adapter: Path) -> dict:

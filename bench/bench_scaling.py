@@ -8,7 +8,7 @@ Everything runs on the real base model: PyTorch (`loracast.base_model.load()`) f
 cached ONNX export (`OnnxDecoder`) for inference.
 
 1. Rank sweep, for every rank x module set (default: q,v; q,k,v,o; all seven linears), with a random adapter of
-   the usual magnitude (`bench_worker_decode._random_adapter`; MLP modules get the same recipe):
+   the usual magnitude (`common.random_attention_adapter`; MLP modules get the same recipe):
    - wire: payload bytes (fp16, the default), manifest bytes; `adapter_wire.encode` time; streaming in process
      (cutting the payload into DataChunk messages, serializing them as gRPC would, and joining them again: no
      network, bench_delivery.py measures that); `adapter_wire.decode` time, which includes its SHA-256 check;
@@ -22,7 +22,7 @@ cached ONNX export (`OnnxDecoder`) for inference.
      (encoder embedding dim, latent and trunk sizes) for that rank and module set; the hypernetwork forward plus
      what `TextToLoRAGenerator.generate` does after it, on a random task embedding (the description encoder's
      time does not depend on the adapter: bench_t2l_generate.py has it).
-2. Document-length sweep, one held-out document per length (`bench_d2l_answering.the_document`, built by
+2. Document-length sweep, one held-out document per length (`common.the_document`, built by
    `hypernet.eval_d2l.speed_documents`) and one of its questions:
    - Doc-to-LoRA internalization with the shipped checkpoint (`DocToLoRAGenerator.generate`): seconds, chunks,
      the adapter's rank (capped by the checkpoint's max rank) and wire bytes;
@@ -57,8 +57,7 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime as ort
 import torch
-from bench_d2l_answering import PeakRss, rss_mb, the_document
-from bench_worker_decode import PROMPTS, _random_adapter, _timed
+from common import PROMPTS, PeakRss, random_attention_adapter, rss_mb, the_document, timed
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
@@ -143,9 +142,9 @@ def _module_shapes(model: PreTrainedModel) -> dict[str, tuple[int, int]]:
 
 
 def random_adapter(model: PreTrainedModel, spec: LoraSpec, seed: int) -> Adapter:
-    """`_random_adapter` for any module set: it reads attention modules only, so MLP ones get its recipe here."""
+    """`common.random_attention_adapter` for any module set: MLP modules get its recipe here."""
     attn = tuple(m for m in spec.target_modules if m in ATTN_MODULES)
-    adapter = dict(_random_adapter(model, replace(spec, target_modules=attn), seed)) if attn else {}
+    adapter = dict(random_attention_adapter(model, replace(spec, target_modules=attn), seed)) if attn else {}
     rng = np.random.default_rng(seed + 1)
     for i, layer in enumerate(model.model.layers):
         for module in (m for m in spec.target_modules if m in MLP_MODULES):
@@ -197,7 +196,7 @@ def _t2l_ms(shipped: dict, shapes: dict[str, tuple[int, int]], spec: LoraSpec, r
 
 
 def _tok_s(decoder: OnnxDecoder, prompt: list[int], new_tokens: int) -> float:
-    tokens, _, rest = _timed(decoder.generate(prompt, new_tokens))
+    tokens, _, rest = timed(decoder.generate(prompt, new_tokens))
     return (len(tokens) - 1) / rest if rest > 0 else float("nan")
 
 
@@ -287,7 +286,7 @@ def _answering(
     """First token and decode speed of one prompt, and the memory it takes."""
     before_mb = rss_mb()
     with PeakRss() as peak:
-        runs = _repeat(lambda: _timed(decoder.generate(ids, args.new_tokens)), args.repeats, args.point_budget_s)
+        runs = _repeat(lambda: timed(decoder.generate(ids, args.new_tokens)), args.repeats, args.point_budget_s)
     rates = [(len(tokens) - 1) / rest for tokens, _, rest in runs if rest > 0]
     return {
         "prompt_tokens": len(ids),

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import PROMPTS, random_attention_adapter, timed
 from tqdm import tqdm
 from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
@@ -76,7 +77,7 @@ from loracast.lora_spec import LoraSpec
 from loracast.paths import write_json
 from worker import model_cache
 from worker.chat import CONFIG_FILE, TEMPLATE_FILE, ChatTokenizer
-from worker.onnx_session import Adapter, OnnxDecoder
+from worker.onnx_session import OnnxDecoder
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -84,11 +85,6 @@ if TYPE_CHECKING:
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_JSON = RESULTS / "worker_decode.json"
 INSTALL_LLAMACPP = ".venv/bin/pip install -e '.[bench]'"
-PROMPTS = [
-    "Write a long, detailed essay about the history of the Roman Empire.",
-    "Explain step by step how a compiler turns source code into machine code.",
-    "Describe a week-long trip through Japan, day by day, with food and places to see.",
-]
 SPEC = LoraSpec(("q_proj", "v_proj"), r=8, alpha=16.0)
 OTHER_SPEC = LoraSpec(("q_proj", "v_proj"), r=4, alpha=8.0)  # the adapter switched away from and back
 
@@ -110,17 +106,6 @@ class _Clock(BaseStreamer):
         pass
 
 
-def _timed(tokens: Iterator[int]) -> tuple[list[int], float, float]:
-    """Drain a token stream: (tokens, seconds to the first token, seconds from the first token to the last)."""
-    start = time.perf_counter()
-    out, first = [], start
-    for token in tokens:
-        if not out:
-            first = time.perf_counter()
-        out.append(token)
-    return out, first - start, time.perf_counter() - first
-
-
 def _torch_run(model: PreTrainedModel, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
     clock = _Clock()
     start = time.perf_counter()
@@ -137,19 +122,6 @@ def _torch_run(model: PreTrainedModel, prompt: list[int], new_tokens: int) -> tu
     end = time.perf_counter()
     # put() is called with the prompt, then with each new token.
     return out[0, len(prompt) :].tolist(), clock.times[1] - start, end - clock.times[1]
-
-
-def _random_adapter(model: PreTrainedModel, spec: LoraSpec, seed: int) -> Adapter:
-    """A random adapter of the usual magnitude (A ~ Kaiming-like, B small but nonzero), as numpy arrays."""
-    rng = np.random.default_rng(seed)
-    adapter = {}
-    for i, layer in enumerate(model.model.layers):
-        for module in spec.target_modules:
-            lin = getattr(layer.self_attn, module)
-            a = rng.standard_normal((spec.r, lin.in_features), dtype=np.float32) / np.float32(lin.in_features) ** 0.5
-            b = rng.standard_normal((lin.out_features, spec.r), dtype=np.float32) * 0.02
-            adapter[(i, module)] = (a, b)
-    return adapter
 
 
 def _max_logit_diff(decoder: OnnxDecoder, model: PreTrainedModel, ids: list[int], prefill: int) -> float:
@@ -352,7 +324,7 @@ def run(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - start
     fp32 = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=args.threads, pack_weights=False)
     int8 = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=args.threads, int8_activations=True)
-    adapter, other = _random_adapter(model, SPEC, 1), _random_adapter(model, OTHER_SPEC, 2)
+    adapter, other = random_attention_adapter(model, SPEC, 1), random_attention_adapter(model, OTHER_SPEC, 2)
     merge_s = []
     start = time.perf_counter()
     merged = decoder.merged(adapter, SPEC)
@@ -367,11 +339,11 @@ def run(args: argparse.Namespace) -> dict:
 
     modes: dict[str, Callable[[list[int], int], tuple[list[int], float, float]]] = {
         "torch_eager": lambda prompt, n: _torch_run(model, prompt, n),
-        "onnx_fp32": lambda prompt, n: _timed(fp32.generate(prompt, n)),
-        "onnx": lambda prompt, n: _timed(decoder.generate(prompt, n)),
-        "onnx_hot_swap": lambda prompt, n: _timed(hot_swap(prompt, n)),
-        "onnx_merged": lambda prompt, n: _timed(merged.generate(prompt, n)),
-        "onnx_int8_act": lambda prompt, n: _timed(int8.generate(prompt, n)),
+        "onnx_fp32": lambda prompt, n: timed(fp32.generate(prompt, n)),
+        "onnx": lambda prompt, n: timed(decoder.generate(prompt, n)),
+        "onnx_hot_swap": lambda prompt, n: timed(hot_swap(prompt, n)),
+        "onnx_merged": lambda prompt, n: timed(merged.generate(prompt, n)),
+        "onnx_int8_act": lambda prompt, n: timed(int8.generate(prompt, n)),
     }
     llamacpp_info = None
     if llama_cpp is not None:
@@ -400,7 +372,7 @@ def run(args: argparse.Namespace) -> dict:
             **_llamacpp_prompt_check(llm, tokenizer, model_dir, prompts),
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         }
-        modes["llamacpp"] = lambda prompt, n: _timed(_llamacpp_stream(llm, prompt, n))
+        modes["llamacpp"] = lambda prompt, n: timed(_llamacpp_stream(llm, prompt, n))
     for run_mode in modes.values():  # warm-up: first-run allocations are not what users wait for
         run_mode(prompts[0], 4)
 

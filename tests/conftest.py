@@ -8,11 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from loracast import base_model
+from loracast.grpc_security import ClientSecurity, open_channel
+from loracast.grpc_server import wait_until_serving
+from loracast.v1 import loracast_pb2_grpc as pb_grpc
+from worker import model_cache, onnx_io
+from worker import server as worker_server
 from worker.server import WorkerConfig
 
 
@@ -208,3 +214,52 @@ def loopback_worker(cache_dir: Path, model_dir: Path, **fields: Any) -> WorkerCo
     machine's cores); `fields` add to or override these."""
     defaults = {"listen": "127.0.0.1:0", "metrics_port": None, "intra_op_threads": 1}
     return WorkerConfig(cache_dir=cache_dir, model_dir=model_dir, **{**defaults, **fields})
+
+
+# The tiny Llama exported to ONNX, and workers on it: the worker, load, fault, fuzz and security tests share them.
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stands for $LORACAST_CACHE: the ONNX export goes to <root>/onnx."""
+    return tmp_path_factory.mktemp("loracast-cache")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_base_dir: Path, cache_root: Path) -> Path:
+    exported = model_cache.export(str(tiny_base_dir), cache_root / "onnx")
+    assert model_cache.find(str(tiny_base_dir), cache_root / "onnx") == exported  # found again without exporting
+    return exported
+
+
+@pytest.fixture(scope="module")
+def fingerprint(model_dir: Path) -> str:
+    graph = onnx.load(str(model_dir / model_cache.MODEL_FILE), load_external_data=False)
+    return {p.key: p.value for p in graph.metadata_props}[onnx_io.META_FINGERPRINT]
+
+
+@pytest.fixture
+def start_worker(model_dir: Path, tmp_path: Path):
+    """start_worker(**WorkerConfig fields) -> a running worker on a free port (default cache: tmp_path/cache)."""
+    running = []
+
+    def start(**overrides) -> worker_server.RunningWorker:
+        fields = {"cache_dir": tmp_path / "cache", "model_dir": model_dir, "max_new_tokens": 64, **overrides}
+        running.append(worker_server.start(loopback_worker(**fields)))
+        return running[-1]
+
+    yield start
+    for worker in running:
+        worker.stop(None)
+
+
+@pytest.fixture
+def connect():
+    channels = []
+
+    def connect(worker: worker_server.RunningWorker, token: str | None = None) -> pb_grpc.WorkerStub:
+        channels.append(open_channel(f"127.0.0.1:{worker.port}", ClientSecurity(token=token)))
+        wait_until_serving(channels[-1])
+        return pb_grpc.WorkerStub(channels[-1])
+
+    yield connect
+    for channel in channels:
+        channel.close()

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_worker
 from conftest import loopback_worker
 from prometheus_client import REGISTRY
+from support import STARTUP_S, Server, ready
 from test_adapter_store import RedisServer
 from test_coordinator import Recorder, generator
-from test_load import STARTUP_S, Server, ready
 
 from coordinator.redis_store import WRITES
 from coordinator.server import CoordinatorConfig
@@ -46,9 +45,8 @@ from loracast_cli.launch import ServerProcess, coordinator_argv
 from worker import server as worker_server
 from worker.coordinator_client import channel_target
 
-# Fixtures of tests/test_worker.py and tests/test_coordinator.py, requested here by name.
-cache_root, model_dir = test_worker.cache_root, test_worker.model_dir
-__all__ = ["cache_root", "generator", "model_dir"]
+# A fixture of tests/test_coordinator.py, requested here by name.
+__all__ = ["generator"]
 
 COORDINATORS, WORKERS, CLIENTS = 3, 6, 24
 DESCRIPTIONS, ASKS = 150, 4  # 600 requests

@@ -33,10 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_system
-import test_worker
-from test_load import STARTUP_S, Server, launch_coordinator, launch_worker, metric, ready, worker_command
+from support import STARTUP_S, Server, installed, launch_coordinator, launch_worker, metric, ready, worker_command
 from test_system import _poll
-from test_worker import installed
 
 from coordinator.local_store import LocalStore
 from edge_client.client import Answer, EdgeClient, EdgeError
@@ -58,11 +56,8 @@ DEADLINE = 150.0  # one ask
 RESTART_S = 2 * STARTUP_S  # how long the worker waits for a killed coordinator's restart (ready() allows STARTUP_S)
 SMALL_DISK = 256 * 1024  # the worker's tmpfs: room for a task's adapter (under 2 KiB), not for the seeded one
 
-# Fixtures of other test modules, requested here by name: `processes` kills what a test started; the exported
-# tiny Llama, its fingerprint, and in-process workers on it (cache: tmp_path / "cache").
+# A fixture of tests/test_system.py, requested here by name: it kills what a test started.
 processes = test_system.processes
-cache_root, model_dir, fingerprint = test_worker.cache_root, test_worker.model_dir, test_worker.fingerprint
-start_worker = test_worker.start_worker
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -43,7 +43,6 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from safetensors.numpy import save_file
 from test_coordinator import Recorder, _big_adapter, _until
-from test_worker import cache_root, model_dir  # noqa: F401 - module fixtures: the tiny Llama's ONNX export
 
 from coordinator.adapter_store import source_key
 from coordinator.server import CoordinatorConfig, RunningCoordinator
@@ -246,7 +245,7 @@ def servers(
     tiny_t2l: Path,
     tiny_d2l: Path,
     tiny_base_dir: Path,
-    model_dir: Path,  # noqa: F811 - the fixture imported above
+    model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Servers]:
     root = tmp_path_factory.mktemp("fuzz")
@@ -918,7 +917,7 @@ def test_expired_deadlines_are_deadline_exceeded_and_the_servers_keep_serving(se
 
 def test_the_coordinators_deadline_refusal_reaches_the_workers_client_as_deadline_exceeded(
     tiny_t2l: Path,
-    model_dir: Path,  # noqa: F811 - the fixture imported above
+    model_dir: Path,
     tmp_path: Path,
 ) -> None:
     now = [1000.0]

@@ -74,3 +74,14 @@ def test_each_d2l_data_source_builds_only_on_the_documents_and_names_modules():
         tree = ast.parse(path.read_text(), str(path))
         used = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert {m for m in used if m.startswith("hypernet.d2l_data")} <= shared, path.name
+
+
+def test_benchmarks_share_helpers_only_through_bench_common():
+    """A benchmark script imports no other one: what two of them need lives in bench/common.py."""
+    scripts = {path.stem for path in (ROOT / "bench").glob("*.py")}
+    found = {
+        f"bench/{path.name} imports {name}"
+        for path in sorted((ROOT / "bench").glob("*.py"))
+        for name in _imported(path) & (scripts - {"common", path.stem})
+    }
+    assert found == set()

@@ -9,40 +9,31 @@ callers are told to. The workers' own per-RPC counters must account for exactly 
 
 The numbers (answered / refused, latency percentiles) are printed (`pytest -s`), recorded as test properties
 (`--junitxml`) and written to load.json in the test's tmp directory.
-
-The process helpers here serve tests/test_faults.py too.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import test_worker
 from conftest import D2L_DOCS
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
+from support import STARTUP_S, Server, launch_coordinator, launch_worker, ready, scrape
 
 from edge_client.client import Answer, EdgeClient, EdgeError
 from loracast.grpc_security import open_channel
 from loracast.grpc_server import wait_until_serving
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
-from loracast_cli.launch import ServerProcess, coordinator_argv, worker_argv
 
-STARTUP_S = 180.0  # a server's start on a busy 2-core machine (the coordinator imports torch and loads models)
 CLIENTS, REQUESTS_PER_CLIENT = 32, 4
 ATTEMPTS = 8  # per request: the first call and up to seven more after refusals
 CALL_DEADLINE = 120.0  # one Generate call: a tiny-model answer takes well under a second, starved ones 30 s
@@ -52,76 +43,6 @@ PROMPT = "[1, 2, 3]"
 TASKS = ("Reverse the given list.", "Write the word in capitals.", "Classify the sentiment as positive or negative.")
 CACHED_TASK = "Sort the numbers in ascending order."  # generated before the load: its id is asked for by id
 DOCUMENTS = tuple(doc.text.encode() for doc in D2L_DOCS)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Servers as processes (shared with tests/test_faults.py)
-# ---------------------------------------------------------------------------------------------------------
-
-
-# Fixtures of tests/test_worker.py, requested here by name: the tiny Llama exported to ONNX, for workers started
-# with --model (no torch and no export in their start-up).
-cache_root, model_dir = test_worker.cache_root, test_worker.model_dir
-
-
-@dataclass
-class Server:
-    """A server process that printed its ready line."""
-
-    process: ServerProcess
-    address: str  # HOST:PORT of its gRPC service
-    metrics_port: int
-
-
-def _env(log_dir: Path) -> dict[str, str]:
-    return {**os.environ, "LORACAST_CACHE": str(log_dir / "loracast-cache")}
-
-
-def launch_coordinator(
-    log_dir: Path, name: str, *, cache_dir: Path, base_dir: Path, t2l: Path, d2l: Path, listen: str = "127.0.0.1:0"
-) -> ServerProcess:
-    """A coordinator on the tiny Llama with Text-to-LoRA and Doc-to-LoRA (a document gets the one pass: load, not
-    distillation, is the point here); `ready` waits for it."""
-    argv = coordinator_argv(
-        listen=listen, metrics_port=0, cache_dir=str(cache_dir), base=str(base_dir), checkpoint=str(t2l)
-    )
-    argv += ["--d2l-checkpoint", str(d2l), "--budget-seconds", "0"]
-    return ServerProcess.loracast(name, argv, log_dir, _env(log_dir))
-
-
-def worker_command(
-    *, model_dir: Path, base_dir: Path, cache_dir: Path, coordinator: str, max_concurrent_answers: int = 2
-) -> list[str]:
-    """`loracast` arguments of a worker serving the exported tiny Llama with one ONNX Runtime thread."""
-    argv = worker_argv(
-        listen="127.0.0.1:0",
-        coordinator=coordinator,
-        metrics_port=0,
-        cache_dir=str(cache_dir),
-        capacity_mb=64,
-        base=str(base_dir),
-    )
-    return [*argv, "--model", str(model_dir), "--threads", "1", "--max-concurrent-answers", str(max_concurrent_answers)]
-
-
-def launch_worker(log_dir: Path, name: str, **command: Any) -> ServerProcess:
-    return ServerProcess.loracast(name, worker_command(**command), log_dir, _env(log_dir))
-
-
-def ready(process: ServerProcess, component: str) -> Server:
-    line = process.wait_ready(component, STARTUP_S)
-    return Server(process, line["grpc"], int(line["metrics"]))
-
-
-def scrape(server: Server) -> list[Sample]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30) as page:
-        text = page.read().decode()
-    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
-
-
-def metric(server: Server, name: str, **labels: str) -> float:
-    """The sum of the samples called `name` whose labels include `labels` (0 when there is none)."""
-    return sum(s.value for s in scrape(server) if s.name == name and labels.items() <= s.labels.items())
 
 
 def generate_adapter(coordinator: Server, description: str) -> str:

@@ -42,18 +42,13 @@ import pytest
 from conftest import loopback_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import installed
 from test_coordinator import Recorder, _certificates
 from test_fuzz import FileAudit
-from test_worker import (  # noqa: F401 - fixtures: the exported tiny model, a scripted coordinator, workers, adapters
+from test_worker import (  # noqa: F401 - fixtures: a scripted coordinator, adapters
     ScriptedCoordinator,
-    cache_root,
-    connect,
     coordinator,
-    fingerprint,
-    installed,
-    model_dir,
     refused,
-    start_worker,
     wires,
 )
 
@@ -114,7 +109,7 @@ def secured(
     tiny_t2l: Path,
     tiny_d2l: Path,
     tiny_base_dir: Path,
-    model_dir: Path,  # noqa: F811 - the fixture imported above
+    model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Secured]:
     root = tmp_path_factory.mktemp("secured")
@@ -273,7 +268,7 @@ def test_health_needs_no_token_but_reflection_does(secured: Secured) -> None:
 def test_a_worker_with_wrong_credentials_for_the_coordinator_gets_nothing_from_it(
     secured: Secured,
     tmp_path: Path,
-    model_dir: Path,  # noqa: F811 - the fixture imported above
+    model_dir: Path,
 ) -> None:
     """The coordinator refuses the worker itself; its client learns the coordinator is out of reach (UNAVAILABLE,
     naming why), not UNAUTHENTICATED, which would say the client's own token is wrong."""
@@ -307,7 +302,7 @@ def test_a_worker_with_wrong_credentials_for_the_coordinator_gets_nothing_from_i
 def test_mutual_tls_on_the_worker_refuses_a_client_without_a_certificate_on_every_rpc(
     pki: dict[str, Path],
     tmp_path: Path,
-    model_dir: Path,  # noqa: F811 - the fixture imported above
+    model_dir: Path,
 ) -> None:
     security = ServerSecurity(
         tls_cert=pki["server.pem"], tls_key=pki["server.key"], client_ca=pki["ca.pem"], tokens=frozenset({"t"})
@@ -482,8 +477,8 @@ def test_documents_never_reach_disk_or_logs(
     tiny_t2l: Path,
     tiny_d2l: Path,
     tiny_base_dir: Path,
-    model_dir: Path,  # noqa: F811 - the fixture imported above
-    cache_root: Path,  # noqa: F811 - the fixture imported above
+    model_dir: Path,
+    cache_root: Path,
     tmp_path: Path,
     capfd: pytest.CaptureFixture,
     caplog: pytest.LogCaptureFixture,

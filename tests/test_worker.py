@@ -27,14 +27,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import loopback_worker
 from peft import PeftModel
+from support import installed
 from test_onnx_session import TOL, _hf_model, _max_diff, _reference_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loracast import adapter_format, adapter_wire
 from loracast.grpc_errors import RETRY_AFTER_MS
-from loracast.grpc_security import ClientSecurity, ServerSecurity, open_channel
+from loracast.grpc_security import ServerSecurity, open_channel
 from loracast.grpc_server import wait_until_serving
 from loracast.lora import applied, inject, to_torch
 from loracast.lora_spec import LoraSpec
@@ -60,25 +60,6 @@ WAIT = 60.0
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures: the exported tiny model, a scriptable coordinator, workers and their clients
 # ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Stands for $LORACAST_CACHE: the ONNX export goes to <root>/onnx."""
-    return tmp_path_factory.mktemp("loracast-cache")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_base_dir: Path, cache_root: Path) -> Path:
-    exported = model_cache.export(str(tiny_base_dir), cache_root / "onnx")
-    assert model_cache.find(str(tiny_base_dir), cache_root / "onnx") == exported  # found again without exporting
-    return exported
-
-
-@pytest.fixture(scope="module")
-def fingerprint(model_dir: Path) -> str:
-    graph = onnx.load(str(model_dir / model_cache.MODEL_FILE), load_external_data=False)
-    return {p.key: p.value for p in graph.metadata_props}[onnx_io.META_FINGERPRINT]
 
 
 def test_the_first_start_exports_in_a_child_process_and_a_changed_model_is_exported_again(tiny_base_dir, tmp_path):
@@ -232,35 +213,6 @@ def coordinator() -> Iterator[tuple[ScriptedCoordinator, str, grpc.Server]]:
     server.stop(None)
 
 
-@pytest.fixture
-def start_worker(model_dir: Path, tmp_path: Path):
-    """start_worker(**WorkerConfig fields) -> a running worker on a free port (default cache: tmp_path/cache)."""
-    running = []
-
-    def start(**overrides) -> worker_server.RunningWorker:
-        fields = {"cache_dir": tmp_path / "cache", "model_dir": model_dir, "max_new_tokens": 64, **overrides}
-        running.append(worker_server.start(loopback_worker(**fields)))
-        return running[-1]
-
-    yield start
-    for worker in running:
-        worker.stop(None)
-
-
-@pytest.fixture
-def connect():
-    channels = []
-
-    def connect(worker: worker_server.RunningWorker, token: str | None = None) -> pb_grpc.WorkerStub:
-        channels.append(open_channel(f"127.0.0.1:{worker.port}", ClientSecurity(token=token)))
-        wait_until_serving(channels[-1])
-        return pb_grpc.WorkerStub(channels[-1])
-
-    yield connect
-    for channel in channels:
-        channel.close()
-
-
 def ask(
     stub: pb_grpc.WorkerStub,
     ref: pb.AdapterRef | None = None,
@@ -288,10 +240,6 @@ def refused(call, *args, **kwargs) -> grpc.RpcError:
         if isinstance(result, grpc.Call):  # a stream: the error comes while reading it
             list(result)
     return info.value
-
-
-def installed(cache_dir: Path) -> list[str]:
-    return sorted(p.name for p in (cache_dir / "adapters").iterdir())
 
 
 def _count(histogram, **labels) -> float:
