@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ import test_system
 import yaml
 
 from loracast_cli.cli import parser
-from loracast_cli.launch import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -198,27 +196,7 @@ def test_prometheus_scrapes_the_coordinators_and_workers_and_nothing_else(tmp_pa
         [discovery] = job.pop("kubernetes_sd_configs")
         assert (discovery["role"], discovery["namespaces"]["names"]) == ("pod", [NAMESPACE])
         job["static_configs"] = [{"targets": ["discovered:1"], "labels": pod} for pod in _discovered_pods()]
-    config_file = tmp_path / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(config))
-    address = f"127.0.0.1:{test_system._free_port()}"
-    argv = [
-        prometheus_binary,
-        f"--config.file={config_file}",
-        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address={address}",
-    ]
-    process = ServerProcess("prometheus", argv, tmp_path)
-    processes.append(process)
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{address}/-/ready", timeout=5) as reply:
-                return reply.status == 200
-        except OSError:  # still starting: connection refused
-            return False
-
-    test_system._poll("Prometheus ready", ready, test_system.SCRAPE_S, process.stderr)
-    prometheus = test_system.Prometheus(f"http://{address}")
+    prometheus, process = test_system.run_prometheus(prometheus_binary, config, processes, tmp_path)
 
     def targets() -> dict[str, Any]:
         found = prometheus.api("targets", state="any")

@@ -249,6 +249,13 @@ def _start_prometheus(
     assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": targets[job["job_name"]]}]
+    return run_prometheus(binary, config, processes, tmp_path)[0]
+
+
+def run_prometheus(
+    binary: str, config: dict, processes: list[ServerProcess], tmp_path: Path
+) -> tuple[Prometheus, ServerProcess]:
+    """A real Prometheus on a free port running `config`, once it says it is ready."""
     config_file = tmp_path / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config))
     address = f"127.0.0.1:{_free_port()}"
@@ -266,7 +273,7 @@ def _start_prometheus(
             return reply.status == 200
 
     _poll("Prometheus ready", ready, SCRAPE_S, process.stderr)
-    return Prometheus(f"http://{address}")
+    return Prometheus(f"http://{address}"), process
 
 
 def _series_with_values(prometheus: Prometheus, expr: str) -> list[float]:
