@@ -10,7 +10,8 @@ families whose transfer to real questions is measured (`loracast eval d2l --sets
     self       questions the base model writes itself with the document in its prompt (`self_questions`)
 
 The first four are deterministic functions of the text (no randomness at all; `shuffled_document` is
-seeded by the text's own hash). Their wording is generic English: none of them uses the templates that
+seeded by the text's own hash). Sentences a document states once come first, and their spans with them
+(`_rarest_first`). Their wording is generic English: none of them uses the templates that
 `hypernet.d2l_data` asks its evaluation questions with. Probe texts carry the document's content: like the
 document, they live in memory only.
 """
@@ -99,7 +100,7 @@ def write_probes(text: str, families: Sequence[str] = DEFAULT_FAMILIES, shuffled
     by_family: dict[str, list[str]] = {f: [] for f in families if f != "self"}
     seen_spans: dict[str, None] = {}
     pairs: dict[tuple[str, str], None] = {}
-    for sentence in sentences(text):
+    for sentence in _rarest_first(sentences(text)):
         if "cloze" in by_family and len(sentence.split()) >= 5:
             by_family["cloze"].append(cloze(sentence))
         found = list(dict.fromkeys(spans(sentence)))
@@ -122,6 +123,18 @@ def write_probes(text: str, families: Sequence[str] = DEFAULT_FAMILIES, shuffled
     ]
     every = round(1 / shuffled_share) if shuffled_share > 0 else 0
     return [Probe(f, q, shuffled=bool(every) and i % every == every - 1) for i, (f, q) in enumerate(order)]
+
+
+def _rarest_first(parts: list[str]) -> list[str]:
+    """Sentences whose words the document says least often first: a fact stated once (a magic number in a long
+    report) is taught before the prose that repeats around it, which a job short of time may never reach."""
+    words = [re.findall(r"\w+", s.lower()) for s in parts]
+    counts: dict[str, int] = {}
+    for ws in words:
+        for w in set(ws):
+            counts[w] = counts.get(w, 0) + 1
+    rarity = [sum(counts[w] for w in ws) / max(1, len(ws)) for ws in words]
+    return [parts[i] for i in sorted(range(len(parts)), key=rarity.__getitem__)]
 
 
 def _round_robin(families: list[tuple[str, list[str]]]) -> list[list[tuple[str, str]]]:

@@ -51,6 +51,13 @@ def test_a_cloze_stops_before_the_fact():
     assert probes.cloze("Mara Quintell was born on 4 March 1961.").endswith('"Mara Quintell was born on ..."')
 
 
+def test_sentences_stated_once_are_taught_before_the_prose_repeated_around_them():
+    filler = "The square in Lomtral was quiet in the morning fog. " * 6
+    doc = filler + "The magic number of Ada Vey is 48213. " + filler
+    first = probes.write_probes(doc)[0]
+    assert first.family == "cloze" and "The magic number of Ada Vey is" in first.question
+
+
 def test_probes_never_use_the_evaluation_question_templates():
     """The evaluation asks with d2l_data's templates; no probe of any held-out document is one of its questions."""
     for doc in d2l_data.fictional_documents(20, 0, part="heldout"):
