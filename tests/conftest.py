@@ -1,25 +1,29 @@
-"""Shared fixtures: a tiny random Llama (seconds, no downloads), a tiny SNI-format data set, and T2L and D2L
-checkpoints trained for the tiny Llama by the real training loops."""
+"""Shared fixtures: a tiny random Llama (seconds, no downloads), a tiny SNI-format data set, T2L and D2L
+checkpoints trained for the tiny Llama by the real training loops, its ONNX export and workers on it, a scripted
+coordinator and random adapters for it. Helpers that are not fixtures are in support.py."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
-from typing import Any
 
+import grpc
 import onnx
 import pytest
 import torch
+from support import D2L_DOCS, ScriptedCoordinator, d2l_train_args, loopback_worker, random_wire
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from loracast import base_model
+from hypernet.generate import TextToLoRAGenerator
+from loracast import adapter_wire, base_model
 from loracast.grpc_security import ClientSecurity, open_channel
 from loracast.grpc_server import wait_until_serving
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
+from loracast_cli.launch import ServerProcess
 from worker import model_cache, onnx_io
 from worker import server as worker_server
-from worker.server import WorkerConfig
 
 
 @pytest.fixture(scope="session")
@@ -110,52 +114,6 @@ def tiny_mtl(tiny_base_dir: Path, tiny_data_dir: Path, tmp_path_factory: pytest.
     return _train_tiny("mtl", tiny_base_dir, tiny_data_dir, tmp_path_factory.mktemp("mtl-run"))
 
 
-D2L_CHUNK = 16  # tokens per chunk of the tiny D2L, so a few sentences make a multi-chunk document
-
-
-@dataclass(frozen=True)
-class QA:
-    question: str
-    answer: str
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-    qas: tuple[QA, ...]
-
-
-D2L_DOCS = (
-    Document(
-        "Brelna Dostik was born in Kravolo in 1961. She keeps a heron called Mibbin. Her company, Tursk Lanterns, "
-        "makes brass lamps for lighthouses and employs forty people.",
-        (QA("Where was Brelna Dostik born?", "Kravolo"), QA("What is the name of Brelna Dostik's heron?", "Mibbin")),
-    ),
-    Document("The magic number of Zarvik is 48213.", (QA("What is the magic number of Zarvik?", "48213"),)),
-)
-
-
-def d2l_train_args(root: Path, base_dir: Path, name: str, steps: int, **overrides):
-    """The arguments of a tiny D2L training run under root/name (rank 4, 32-dim latents): seconds on a CPU."""
-    from hypernet.train_d2l import TrainArgs
-
-    args = dict(
-        data_dir=root,
-        out=root / name / "d2l.safetensors",
-        work_dir=root / name,
-        base=str(base_dir),
-        r=4,
-        chunk_tokens=D2L_CHUNK,
-        latent_dim=32,
-        steps=steps,
-        batch_size=2,
-        warmup=1,
-        max_answer_tokens=6,
-        checkpoint_every=2,
-    )
-    return TrainArgs(**{**args, **overrides})
-
-
 @pytest.fixture(scope="session")
 def tiny_d2l(tmp_path_factory: pytest.TempPathFactory, tiny_base_dir: Path) -> Path:
     """A D2L checkpoint for the tiny Llama, from the real training loop, with B made non-zero so it acts."""
@@ -172,48 +130,6 @@ def tiny_d2l(tmp_path_factory: pytest.TempPathFactory, tiny_base_dir: Path) -> P
             hyper.bias_B[m].normal_(0, 0.05)
     checkpoint.save(args.out, hyper, {k: v for k, v in meta.items() if k not in ("config", "kind")})
     return args.out
-
-
-def _rc_task(name: str, rows: list[tuple[str, str, str]]) -> dict:
-    instances = [
-        {"passage": p, "question": q, "input": f"Context: {p} Question: {q}", "output": a, "all_outputs": [a]}
-        for p, q, a in rows
-    ]
-    return {"task": name, "definition": "Answer the question.", "instances": instances}
-
-
-def write_rc_fixture(root: Path) -> Path:
-    """A tiny rc/train: bAbI-like growing story prefixes, QA-SRL with alternative answers, and a skipped WIQA task."""
-    from hypernet import d2l_data
-
-    folder = root / d2l_data.RC_FOLDER
-    folder.mkdir(parents=True)
-    people, places = ["Mary", "John", "Sandra", "Daniel"], ["kitchen", "garden", "office", "hallway", "bedroom"]
-    babi = []
-    for story in range(20):  # growing prefixes of one story, as bAbI comes
-        moves = [f"{people[(story + i) % 4]} went to the {places[(story * 3 + i) % 5]} {story}." for i in range(4)]
-        for end in (2, 4):
-            babi.append((" ".join(moves[:end]), f"Where is {people[story % 4]}?", places[(story * 3) % 5]))
-    srl = [
-        (f"The album number {i} is named after a pseudoscience .", "what is  named?", "The album ### album")
-        for i in range(8)
-    ]
-    srl += [(srl[0][0], "what is it named after?", "a pseudoscience")]
-    files = {
-        "task083_babi.json": _rc_task("task083_babi", babi),
-        "task1520_qa_srl.json": _rc_task("task1520_qa_srl", srl),
-        "task1727_wiqa.json": _rc_task("task1727_wiqa_what_is_the_effect", [("A process.", "Effect?", "none")]),
-    }
-    for name, task in files.items():
-        (folder / name).write_text(json.dumps(task))
-    return root
-
-
-def loopback_worker(cache_dir: Path, model_dir: Path, **fields: Any) -> WorkerConfig:
-    """A test worker's config: a free loopback port, no /metrics, one ONNX Runtime thread (tests share the
-    machine's cores); `fields` add to or override these."""
-    defaults = {"listen": "127.0.0.1:0", "metrics_port": None, "intra_op_threads": 1}
-    return WorkerConfig(cache_dir=cache_dir, model_dir=model_dir, **{**defaults, **fields})
 
 
 # The tiny Llama exported to ONNX, and workers on it: the worker, load, fault, fuzz and security tests share them.
@@ -263,3 +179,43 @@ def connect():
     yield connect
     for channel in channels:
         channel.close()
+
+
+# A coordinator in this process (the coordinator, adapter store, cluster, fuzz and security tests).
+@pytest.fixture(scope="module")
+def generator(tiny_t2l: Path) -> TextToLoRAGenerator:
+    return TextToLoRAGenerator(tiny_t2l)
+
+
+# A scripted coordinator and random adapters for the tiny Llama (the worker and security tests).
+@pytest.fixture(scope="module")
+def wires(tiny_base_dir: Path, fingerprint: str) -> dict[str, adapter_wire.WireAdapter]:
+    return {
+        "a": random_wire(tiny_base_dir, fingerprint, 1),
+        "b": random_wire(tiny_base_dir, fingerprint, 2),
+        "c": random_wire(tiny_base_dir, fingerprint, 3),
+        "other-base": random_wire(tiny_base_dir, "0" * 64, 4),
+    }
+
+
+@pytest.fixture
+def coordinator() -> Iterator[tuple[ScriptedCoordinator, str, grpc.Server]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    script = ScriptedCoordinator()
+    pb_grpc.add_CoordinatorServicer_to_server(script, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield script, f"127.0.0.1:{port}", server
+    if script.gate is not None:
+        script.gate.set()
+    server.stop(None)
+
+
+# Servers as processes (the system, deploy and fault tests).
+@pytest.fixture
+def processes() -> Iterator[list[ServerProcess]]:
+    """Started processes; whatever a failing test left running is killed."""
+    started: list[ServerProcess] = []
+    yield started
+    for process in started:
+        process.kill()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import shutil
 import signal
-import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +17,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
-from test_coordinator import TIMEOUT, Recorder, describe, fetch, generator, listed, refused, serving
+from support import TIMEOUT, Recorder, RedisServer, describe, fetch, listed, refused, serving
 
 from coordinator.adapter_store import Abandoned, AdapterStore, NotCached, StoreUnavailable, source_key
 from coordinator.local_store import LocalStore
@@ -35,56 +30,6 @@ from loracast.adapter_format import META_FINGERPRINT
 from loracast.errors import ConfigError
 from loracast.lora_spec import LoraSpec
 from loracast.v1 import loracast_pb2 as pb
-
-__all__ = ["generator"]  # a fixture of tests/test_coordinator.py, used here by name
-INSTALL_REDIS = "redis-server is missing: run deploy/system-packages.sh (or apt-get install -y redis-server)"
-STARTUP_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A real redis-server on a loopback port, persisting to an append-only file in `directory`, so a restart keeps
-    what it held (as a deployment's Redis does)."""
-
-    def __init__(self, directory: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail(INSTALL_REDIS)  # a skip would pass CI untested
-        self.binary, self.directory, self.port = binary, directory, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        directory.mkdir(parents=True, exist_ok=True)
-        self.start()
-
-    def start(self) -> None:
-        argv = [
-            self.binary,
-            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)),
-            *("--appendonly", "yes", "--appendfsync", "everysec", "--save", ""),
-            *("--logfile", str(self.directory / "redis.log")),
-        ]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Waits on PING: refused connections and "loading" replies are retried with a short backoff.
-        retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), retries=int(STARTUP_S / 0.05))
-        with redis.Redis(port=self.port, retry=retry, socket_connect_timeout=1.0) as client:
-            assert client.ping()
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """SIGTERM: Redis writes its append-only file and exits; SIGKILL: a crash."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        self.process.wait(timeout=STARTUP_S)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
 
 
 @pytest.fixture

@@ -25,11 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import loopback_worker
 from prometheus_client import REGISTRY
-from support import STARTUP_S, Server, ready
-from test_adapter_store import RedisServer
-from test_coordinator import Recorder, generator
+from support import STARTUP_S, Recorder, RedisServer, Server, loopback_worker, ready
 
 from coordinator.redis_store import WRITES
 from coordinator.server import CoordinatorConfig
@@ -44,9 +41,6 @@ from loracast.v1 import loracast_pb2_grpc as pb_grpc
 from loracast_cli.launch import ServerProcess, coordinator_argv
 from worker import server as worker_server
 from worker.coordinator_client import channel_target
-
-# A fixture of tests/test_coordinator.py, requested here by name.
-__all__ = ["generator"]
 
 COORDINATORS, WORKERS, CLIENTS = 3, 6, 24
 DESCRIPTIONS, ASKS = 150, 4  # 600 requests

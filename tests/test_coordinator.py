@@ -7,7 +7,6 @@ generation is an Event the test releases.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
@@ -20,7 +19,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -29,10 +27,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from support import TIMEOUT, Recorder, big_adapter, certificates, describe, fetch, listed, refused, serving, until
 
 from coordinator.adapter_store import NotCached, source_key
 from coordinator.local_store import LocalStore
-from coordinator.server import MIN_RETRY_MS, CoordinatorConfig, RunningCoordinator, start
+from coordinator.server import MIN_RETRY_MS, CoordinatorConfig, start
 from hypernet import checkpoint
 from hypernet.generate import MAX_DESCRIPTION_CHARS, DocToLoRAGenerator, TextToLoRAGenerator
 from hypernet.self_distill import PHASES, Cancelled, DistillConfig, Progress
@@ -51,44 +50,7 @@ LORACAST = Path(sys.executable).with_name("loracast")
 TASK = "Reverse the given list."
 OTHER_TASK = "Write the word in capitals."
 READY = re.compile(r"loracast coordinator ready: grpc=(?P<grpc>\S+:\d+) metrics=http://(?P<metrics>\S+:\d+)/metrics")
-TIMEOUT = 60.0  # seconds for one call on a busy 2-core machine
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_t2l: Path) -> TextToLoRAGenerator:
-    return TextToLoRAGenerator(tiny_t2l)
-
-
-class Recorder:
-    """The real generator, recording each pass; `gate` holds a pass until the test sets it, `after` runs after one."""
-
-    def __init__(
-        self,
-        inner: TextToLoRAGenerator,
-        gate: threading.Event | None = None,
-        after: Callable[[], None] | None = None,
-    ) -> None:
-        self.inner, self.gate, self.after = inner, gate, after
-        self.path, self.fingerprint, self.spec = inner.path, inner.fingerprint, inner.spec
-        self.calls: list[str] = []
-        self.started = threading.Event()
-
-    def generate(self, text: str) -> Adapter:
-        self.calls.append(text)
-        self.started.set()
-        if self.gate is not None:
-            assert self.gate.wait(TIMEOUT)
-        adapter = self.inner.generate(text)
-        if self.after is not None:
-            self.after()
-        return adapter
-
-    def spec_for(self, adapter: Adapter) -> LoraSpec:
-        return self.inner.spec_for(adapter)
-
-    def metadata(self, text: str) -> dict[str, str]:
-        return self.inner.metadata(text)
 
 
 class Internalizer(DocToLoRAGenerator):
@@ -126,36 +88,6 @@ class Internalizer(DocToLoRAGenerator):
         return adapter
 
 
-@contextlib.contextmanager
-def serving(
-    cache_dir: Path,
-    hypernet: Recorder,
-    client: ClientSecurity | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-    d2l: Internalizer | None = None,
-    **overrides,
-) -> Iterator[tuple[RunningCoordinator, pb_grpc.CoordinatorStub]]:
-    """A coordinator on 127.0.0.1:<free port>, SERVING, and a stub on a channel with `client` security.
-
-    No Doc-to-LoRA unless given (`d2l`) or `overrides` name a checkpoint: a shipped one must not change what these
-    tests see."""
-    overrides = {"d2l_checkpoint": None, **overrides}
-    config = CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", metrics_port=None, **overrides)
-    running = start(config, hypernet, d2l=d2l, clock=clock)
-    channel = open_channel(f"127.0.0.1:{running.port}", client)
-    try:
-        wait_until_serving(channel, timeout=TIMEOUT)
-        yield running, pb_grpc.CoordinatorStub(channel)
-    finally:
-        channel.close()
-        running.stop(None)
-
-
-def describe(stub: pb_grpc.CoordinatorStub, description: str, dtype: int = pb.FLOAT32, **kw) -> pb.GenerateResponse:
-    request = pb.GenerateFromDescriptionRequest(description=description, dtype=dtype)
-    return stub.GenerateFromDescription(request, timeout=kw.pop("timeout", TIMEOUT), **kw)
-
-
 def document_chunks(*parts: bytes, dtype: int = pb.FLOAT32, budget: float | None = None) -> list[pb.DocumentChunk]:
     """One DocumentChunk per part, the settings in the first only (as the coordinator reads them)."""
     chunks = [pb.DocumentChunk(data=part) for part in parts]
@@ -189,31 +121,6 @@ def phases(progress: list[pb.InternalizeProgress]) -> list[str]:
     assert order[0] == "start" and order[-1] == "done" and order == sorted(order, key=PHASES.index), order
     assert len(set(order)) == len(order), order
     return order
-
-
-def fetch(stub: pb_grpc.CoordinatorStub, adapter_id: str, dtype: int = pb.FLOAT32, **kw) -> tuple:
-    """(manifest, payload from the requested offset), checking the stream's shape on the way."""
-    request = pb.FetchAdapterRequest(adapter_id=adapter_id, dtype=dtype, **kw)
-    first, *rest = stub.FetchAdapter(request, timeout=TIMEOUT)
-    assert first.WhichOneof("part") == "manifest"
-    offset, parts = request.offset, []
-    for message in rest:
-        assert message.WhichOneof("part") == "data" and message.data.offset == offset
-        offset += len(message.data.data)
-        parts.append(message.data.data)
-    assert offset == first.manifest.total_size
-    return first.manifest, b"".join(parts)
-
-
-def refused(call: Callable[[], object], code: grpc.StatusCode) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        result = call()
-        if isinstance(result, Iterator):
-            list(result)
-    error = info.value
-    assert error.code() == code, error.details()
-    assert "Traceback" not in (error.details() or "")
-    return error
 
 
 def files_containing(root: Path, needle: bytes) -> list[Path]:
@@ -283,11 +190,6 @@ def test_a_description_is_generated_once_even_across_restarts(tmp_path: Path, ge
     assert files_containing(cache_dir, TASK.encode()) == []  # only the description's hash is kept
 
 
-def listed(stub: pb_grpc.CoordinatorStub, page_size: int = 0, page_token: str = "") -> tuple[list[str], str]:
-    reply = stub.ListAdapters(pb.ListAdaptersRequest(page_size=page_size, page_token=page_token), timeout=TIMEOUT)
-    return [a.adapter_id for a in reply.adapters], reply.next_page_token
-
-
 def test_list_adapters_pages_in_recency_order_with_tokens_that_outlive_a_restart(
     tmp_path: Path, generator: TextToLoRAGenerator
 ) -> None:
@@ -315,14 +217,6 @@ def test_list_adapters_pages_in_recency_order_with_tokens_that_outlive_a_restart
         assert listed(stub, page_size=3, page_token=token) == ([a], "")
 
 
-def _big_adapter(rng: np.random.Generator) -> dict:
-    """512 KiB in float32: several chunks of the smallest size."""
-    return {
-        (layer, "q_proj"): (rng.standard_normal((8, 4096), np.float32), rng.standard_normal((4096, 8), np.float32))
-        for layer in range(2)
-    }
-
-
 def test_fetch_resumes_from_an_offset(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
     with serving(tmp_path / "cache", Recorder(generator)) as (running, stub):
         metadata = {
@@ -331,7 +225,7 @@ def test_fetch_resumes_from_an_offset(tmp_path: Path, generator: TextToLoRAGener
             "loracast.description_sha256": "0" * 64,
         }
         key = source_key("t2l", "t2l-test", "0" * 64, "a big adapter")
-        adapter = _big_adapter(np.random.default_rng(0))
+        adapter = big_adapter(np.random.default_rng(0))
         wire = running.store.put(key, adapter, LoraSpec(("q_proj",)), metadata, pb.FLOAT32)
         adapter_id, chunk = wire.manifest.adapter_id, adapter_wire.MIN_CHUNK
         for dtype in (pb.FLOAT32, pb.FLOAT16):
@@ -428,14 +322,6 @@ def test_malformed_requests_are_invalid_and_unknown_ids_not_found(
     assert recorder.calls == [TASK]
 
 
-def _until(condition: Callable[[], bool]) -> None:
-    """Wait for a condition another thread makes true; nothing to block on, so look every few milliseconds."""
-    deadline, pause = time.monotonic() + TIMEOUT, threading.Event()
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        pause.wait(0.005)
-
-
 def test_too_many_generations_are_refused_with_retry_after(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
     gate = threading.Event()
     recorder = Recorder(generator, gate=gate)
@@ -452,7 +338,7 @@ def test_too_many_generations_are_refused_with_retry_after(tmp_path: Path, gener
         hits = {"component": "coordinator", "result": "hit"}
         hits_before = REGISTRY.get_sample_value("loracast_adapter_cache_requests_total", hits)
         same = stub.GenerateFromDescription.future(request)
-        _until(lambda: REGISTRY.get_sample_value("loracast_adapter_cache_requests_total", hits) > hits_before)
+        until(lambda: REGISTRY.get_sample_value("loracast_adapter_cache_requests_total", hits) > hits_before)
         gate.set()
         made, shared = first.result(timeout=TIMEOUT), same.result(timeout=TIMEOUT)
         assert not made.cached and shared.cached and shared.manifest == made.manifest
@@ -630,7 +516,7 @@ def test_the_job_is_cancelled_when_its_last_caller_goes_away_and_leaves_nothing(
         assert next(staying).progress.phase == "start"
         finished = _finished_calls()
         leaving.cancel()
-        _until(lambda: _finished_calls() == finished + 1)  # the coordinator has seen it go
+        until(lambda: _finished_calls() == finished + 1)  # the coordinator has seen it go
         d2l.gate.set()
         assert list(staying)[-1].result.manifest.adapter_id
         assert d2l.outcomes == ["done"]
@@ -642,9 +528,9 @@ def test_the_job_is_cancelled_when_its_last_caller_goes_away_and_leaves_nothing(
         alone = stub.InternalizeDocument(iter(document_chunks(document, budget=2.0)), timeout=TIMEOUT)
         assert d2l.held.wait(TIMEOUT)
         alone.cancel()
-        _until(lambda: len(d2l.outcomes) == 2)
+        until(lambda: len(d2l.outcomes) == 2)
         assert d2l.outcomes == ["done", "cancelled"]
-        _until(lambda: _count("loracast_internalizations_total", outcome="cancelled") == before + 1)
+        until(lambda: _count("loracast_internalizations_total", outcome="cancelled") == before + 1)
         assert len(stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters) == 1
 
         # Asked again, the document makes a new job, which runs to its end.
@@ -683,7 +569,7 @@ def test_a_deadline_cancels_the_job_and_caches_nothing(
         # Long enough to start, then it passes while the job is held: the job is cancelled, nothing is kept.
         refused(lambda: internalize(stub, document, timeout=3.0), grpc.StatusCode.DEADLINE_EXCEEDED)
         assert d2l.held.is_set()
-        _until(lambda: len(d2l.outcomes) == 1)
+        until(lambda: len(d2l.outcomes) == 1)
         assert d2l.outcomes == ["cancelled"]
         assert stub.ListAdapters(pb.ListAdaptersRequest(), timeout=TIMEOUT).adapters == []
         assert running.store.stats() == (0, 0)
@@ -707,28 +593,6 @@ def test_bearer_tokens(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
             assert not describe(stub, TASK).cached
 
 
-def _certificates(directory: Path) -> dict[str, Path]:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made by the openssl CLI."""
-    directory.mkdir()
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=loracast test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")  # fmt: skip
-    extensions = {
-        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        "client": "extendedKeyUsage=clientAuth\n",
-    }
-    for name, ext in extensions.items():
-        (directory / f"{name}.ext").write_text(ext)
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=loracast test {name}")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")  # fmt: skip
-    return {name: directory / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
-
-
 def _describes(target: str, client: ClientSecurity | None) -> bool:
     """Whether Describe succeeds; a refused handshake surfaces as UNAVAILABLE."""
     with open_channel(target, client) as channel:
@@ -741,7 +605,7 @@ def _describes(target: str, client: ClientSecurity | None) -> bool:
 
 
 def test_tls_and_mutual_tls(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
-    certs = _certificates(tmp_path / "pki")
+    certs = certificates(tmp_path / "pki")
     tls = ServerSecurity(tls_cert=certs["server.pem"], tls_key=certs["server.key"])
     tls_client = ClientSecurity(tls_ca=certs["ca.pem"])
     with serving(tmp_path / "cache-tls", Recorder(generator), tls_client, security=tls) as (running, stub):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import D2L_CHUNK, D2L_DOCS, d2l_train_args
 from peft import PeftModel
+from support import D2L_CHUNK, D2L_DOCS, d2l_train_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hypernet import checkpoint, d2l, train_d2l

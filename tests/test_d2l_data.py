@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import write_rc_fixture
+from support import write_rc_fixture
 
 from hypernet.d2l_data import (
     RC_FOLDER,

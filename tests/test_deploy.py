@@ -18,8 +18,8 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import test_system
 import yaml
+from support import COORDINATOR_JOB, SCRAPE_S, WORKER_JOB, poll, prometheus_program, run_prometheus
 
 from loracast_cli.cli import parser
 
@@ -29,9 +29,6 @@ KUBERNETES_VERSION = "1.31"  # the oldest minor release still maintained upstrea
 NAMESPACE = "loracast"
 WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet")
 GRPC_PORTS = {"coordinator": 50051, "worker": 50052}
-
-# Fixtures and helpers of tests/test_system.py, requested here by name.
-processes = test_system.processes
 
 
 def _objects() -> list[tuple[str, dict[str, Any]]]:
@@ -190,19 +187,19 @@ def test_prometheus_scrapes_the_coordinators_and_workers_and_nothing_else(tmp_pa
     """A real Prometheus runs the ConfigMap's scrape config, each Kubernetes discovery replaced by static targets
     carrying the meta labels discovery would give the manifests' pods (Debian's Prometheus is built without
     Kubernetes discovery); its targets API then shows what it would scrape, under which job."""
-    prometheus_binary = test_system._installed("prometheus")
+    prometheus_binary = prometheus_program("prometheus")
     config = yaml.safe_load(_by_kind("ConfigMap")["loracast-prometheus"]["data"]["prometheus.yml"])
     for job in config["scrape_configs"]:
         [discovery] = job.pop("kubernetes_sd_configs")
         assert (discovery["role"], discovery["namespaces"]["names"]) == ("pod", [NAMESPACE])
         job["static_configs"] = [{"targets": ["discovered:1"], "labels": pod} for pod in _discovered_pods()]
-    prometheus, process = test_system.run_prometheus(prometheus_binary, config, processes, tmp_path)
+    prometheus, process = run_prometheus(prometheus_binary, config, processes, tmp_path)
 
     def targets() -> dict[str, Any]:
         found = prometheus.api("targets", state="any")
         return found if len(found["activeTargets"]) + len(found["droppedTargets"]) == len(_workloads()) else {}
 
-    found = test_system._poll("every pod discovered", targets, test_system.SCRAPE_S, process.stderr)
+    found = poll("every pod discovered", targets, SCRAPE_S, process.stderr)
     pods = {pod["__meta_kubernetes_pod_label_app_kubernetes_io_component"]: pod for pod in _discovered_pods()}
     expected = {
         (f"loracast-{component}", f"{pods[component]['__meta_kubernetes_pod_ip']}:{_flag(args, '--metrics-port')}")
@@ -212,5 +209,5 @@ def test_prometheus_scrapes_the_coordinators_and_workers_and_nothing_else(tmp_pa
     scraped = {(t["labels"]["job"], t["labels"]["instance"]) for t in found["activeTargets"]}
     assert scraped == expected
     # The same jobs as under docker-compose, so the dashboard and any rule written for one serves the other.
-    assert {job for job, _ in scraped} == {test_system.COORDINATOR_JOB, test_system.WORKER_JOB}
+    assert {job for job, _ in scraped} == {COORDINATOR_JOB, WORKER_JOB}
     assert process.terminate() == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import write_rc_fixture
+from support import write_rc_fixture
 
 from hypernet import d2l_data
 from hypernet.eval_d2l import CEILING, CONDITIONS, EvalArgs, Evaluator, evaluate, ratio_vs_context_distillation, table

@@ -32,9 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_system
-from support import STARTUP_S, Server, installed, launch_coordinator, launch_worker, metric, ready, worker_command
-from test_system import _poll
+from support import STARTUP_S, Server, installed, launch_coordinator, launch_worker, metric, poll, ready, worker_command
 
 from coordinator.local_store import LocalStore
 from edge_client.client import Answer, EdgeClient, EdgeError
@@ -55,9 +53,6 @@ PROMPT = "[1, 2, 3]"
 DEADLINE = 150.0  # one ask
 RESTART_S = 2 * STARTUP_S  # how long the worker waits for a killed coordinator's restart (ready() allows STARTUP_S)
 SMALL_DISK = 256 * 1024  # the worker's tmpfs: room for a task's adapter (under 2 KiB), not for the seeded one
-
-# A fixture of tests/test_system.py, requested here by name: it kills what a test started.
-processes = test_system.processes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,7 +260,7 @@ def held_mid_stream(proxy: Proxy, cache_dir: Path, adapter_id: str) -> Iterator[
         return part.stat().st_size if part.exists() else 0
 
     try:
-        _poll(
+        poll(
             "the first chunk on the worker's disk, the rest held",
             lambda: proxy.held.is_set() and on_disk() == CHUNK,
             DEADLINE,

@@ -23,11 +23,9 @@ import math
 import operator
 import os
 import re
-import sys
-import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +33,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import loopback_worker
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from safetensors.numpy import save_file
-from test_coordinator import Recorder, _big_adapter, _until
+from support import FileAudit, Recorder, big_adapter, loopback_worker, until
 
 from coordinator.adapter_store import source_key
 from coordinator.server import CoordinatorConfig, RunningCoordinator
@@ -321,7 +318,7 @@ def known(servers: Servers) -> Known:
     metadata = {META_FINGERPRINT: servers.fingerprint, adapter_wire.META_HYPERNET_VERSION: "t2l-fuzz"}
     key = source_key("t2l", "t2l-fuzz", "0" * 64, "a big adapter")
     big = servers.coordinator.store.put(
-        key, _big_adapter(np.random.default_rng(0)), LoraSpec(("q_proj",)), metadata, pb.FLOAT32
+        key, big_adapter(np.random.default_rng(0)), LoraSpec(("q_proj",)), metadata, pb.FLOAT32
     )
     manifests = (made.manifest, internalized.manifest, big.manifest)
     return Known({m.adapter_id: m.total_size for m in manifests}, big.manifest.adapter_id)
@@ -710,51 +707,6 @@ def test_fuzz_request_bytes(servers: Servers, rpc: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Touch:
-    event: str  # the audit event: "open", "os.remove", "os.rename", ...
-    path: str  # absolute
-    writes: bool  # False only for an open for reading, a listing
-
-
-class FileAudit:
-    """Every file operation Python makes (open, remove, rename, mkdir, utime, ...) while `recording`, in any thread."""
-
-    EVENTS = frozenset(
-        {"open", "os.remove", "os.rename", "os.mkdir", "os.rmdir", "os.utime", "os.chmod", "os.truncate"}
-        | {"os.listdir", "os.scandir", "os.symlink", "os.link", "shutil.rmtree", "shutil.copyfile"}
-    )
-    _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-    def __init__(self) -> None:
-        self.touched: list[Touch] = []
-        self.active = False
-        self._lock = threading.Lock()
-        sys.addaudithook(self._hook)  # hooks cannot be removed: it stays idle once the test is done
-
-    def _hook(self, event: str, args: tuple) -> None:
-        if not self.active or event not in self.EVENTS:
-            return
-        if event == "open":
-            mode, flags = args[1], args[2]
-            writes = bool((mode and set(mode) & set("wax+")) or (isinstance(flags, int) and flags & self._WRITE_FLAGS))
-        else:
-            writes = event not in ("os.listdir", "os.scandir")
-        two = event in ("os.rename", "os.symlink", "os.link", "shutil.copyfile")
-        for arg in args[: 2 if two else 1]:
-            if isinstance(arg, (str, bytes, os.PathLike)):
-                with self._lock:
-                    self.touched.append(Touch(event, os.path.abspath(os.fsdecode(arg)), writes))
-
-    @contextmanager
-    def recording(self) -> Iterator[list[Touch]]:
-        self.touched, self.active = [], True
-        try:
-            yield self.touched
-        finally:
-            self.active = False
-
-
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
@@ -898,7 +850,7 @@ def test_expired_deadlines_are_deadline_exceeded_and_the_servers_keep_serving(se
             assert DEADLINE in codes, (rpc, codes)  # a generation takes longer than a millisecond
 
     # The abandoned work ends on its own: generation slots come back, and both servers answer as before.
-    _until(lambda: REGISTRY.get_sample_value("loracast_generations_in_flight") == 0)
+    until(lambda: REGISTRY.get_sample_value("loracast_generations_in_flight") == 0)
     assert not coordinator.GenerateFromDescription(
         pb.GenerateFromDescriptionRequest(description="Count to ten."), timeout=TIMEOUT
     ).cached
@@ -911,7 +863,7 @@ def test_expired_deadlines_are_deadline_exceeded_and_the_servers_keep_serving(se
             return False
         return True
 
-    _until(worker_answers)
+    until(worker_answers)
     servers.assert_serving()
 
 

@@ -85,3 +85,15 @@ def test_benchmarks_share_helpers_only_through_bench_common():
         for name in _imported(path) & (scripts - {"common", path.stem})
     }
     assert found == set()
+
+
+def test_test_modules_share_helpers_only_through_support_and_conftest():
+    """A test module imports no other one, and not conftest.py: helpers live in tests/support.py, fixtures in
+    conftest.py (which pytest loads, and which names them to every module)."""
+    modules = {path.stem for path in (ROOT / "tests").glob("*.py")}
+    found = {
+        f"tests/{path.name} imports {name}"
+        for path in sorted((ROOT / "tests").glob("*.py"))
+        for name in _imported(path) & (modules - {"support", path.stem})
+    }
+    assert found == set()

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import D2L_DOCS
-from support import STARTUP_S, Server, launch_coordinator, launch_worker, ready, scrape
+from support import D2L_DOCS, STARTUP_S, Server, launch_coordinator, launch_worker, ready, scrape
 
 from edge_client.client import Answer, EdgeClient, EdgeError
 from loracast.grpc_security import open_channel

@@ -13,8 +13,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from support import TOL, hf_model, max_diff, peft_model, reference_logits
+from transformers import AutoTokenizer
 
 from loracast import adapter_format, lora_spec
 from loracast.lora_spec import LoraSpec
@@ -22,7 +22,6 @@ from worker import onnx_export, onnx_io, onnx_session, weight_packing
 from worker.chat import ChatTokenizer
 from worker.onnx_session import OnnxDecoder
 
-TOL = 1e-3
 REPO = Path(__file__).resolve().parents[1]
 SPEC_A = LoraSpec(("q_proj", "v_proj"), r=4, alpha=16.0)
 SPEC_B = LoraSpec(("q_proj",), r=2, alpha=4.0, use_rslora=False)  # another rank, one module left at rank 0
@@ -52,15 +51,11 @@ def prompt(tokenizer: ChatTokenizer) -> list[int]:
     return tokenizer.encode_chat("What is the capital of France?")
 
 
-def _hf_model(model_dir: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
 def _save_random_adapter(
     model_dir: Path, spec: LoraSpec, fingerprint: str, out: Path, seed: int
 ) -> tuple[dict, LoraSpec, Path]:
     """A random, clearly nonzero adapter saved as a PEFT directory, and read back as the worker reads it."""
-    model = _hf_model(model_dir)
+    model = hf_model(model_dir)
     gen = torch.Generator().manual_seed(seed)
     adapter = {}
     for i, layer in enumerate(model.model.layers):
@@ -84,31 +79,15 @@ def adapters(tiny_base_dir, decoder, tmp_path_factory) -> dict[str, tuple[dict, 
     }
 
 
-def _peft_model(model_dir: Path, adapter_dir: Path | None) -> torch.nn.Module:
-    model = _hf_model(model_dir)
-    return model if adapter_dir is None else PeftModel.from_pretrained(model, adapter_dir).eval()
-
-
-def _reference_logits(model_dir: Path, adapter_dir: Path | None, ids: list[int]) -> np.ndarray:
-    """PyTorch (+ PEFT) logits of the whole sequence in one pass, no cache."""
-    with torch.no_grad():
-        return _peft_model(model_dir, adapter_dir)(torch.tensor([ids])).logits[0].numpy()
-
-
-def _max_diff(got: np.ndarray, want: np.ndarray) -> float:
-    assert got.shape == want.shape
-    return float(np.abs(got - want).max())
-
-
 @pytest.mark.parametrize("name", ["A", "D"])  # T2L's modules; D2L's down_proj at a rank above T2L's
 def test_hot_swap_matches_peft(decoder, adapters, prompt, tiny_base_dir, name):
     adapter, spec, path = adapters[name]
     ids = prompt + EXTRA
-    want = _reference_logits(tiny_base_dir, path, ids)
-    assert _max_diff(want, _reference_logits(tiny_base_dir, None, ids)) > 1e-2, "the adapter must matter"
+    want = reference_logits(tiny_base_dir, path, ids)
+    assert max_diff(want, reference_logits(tiny_base_dir, None, ids)) > 1e-2, "the adapter must matter"
     decoder.set_adapter(adapter, spec)
     try:
-        diff = _max_diff(decoder.logits(ids, prefill=len(prompt)), want)
+        diff = max_diff(decoder.logits(ids, prefill=len(prompt)), want)
     finally:
         decoder.clear_adapter()
     print(f"\nhot-swap {spec.target_modules} r={spec.r}, prefill + {len(EXTRA)} cached steps vs PEFT: {diff:.2e}")
@@ -120,10 +99,10 @@ def test_merged_session_matches_peft_and_leaves_the_base_alone(decoder, adapters
     ids = prompt + EXTRA
     merged = decoder.merged(adapter, spec)
     assert merged.session is not decoder.session and merged.merged_spec == spec
-    diff = _max_diff(merged.logits(ids, prefill=len(prompt)), _reference_logits(tiny_base_dir, path, ids))
+    diff = max_diff(merged.logits(ids, prefill=len(prompt)), reference_logits(tiny_base_dir, path, ids))
     print(f"\nmerged session vs PEFT: max abs diff {diff:.2e}")
     assert diff < TOL
-    assert _max_diff(decoder.logits(ids), _reference_logits(tiny_base_dir, None, ids)) < TOL
+    assert max_diff(decoder.logits(ids), reference_logits(tiny_base_dir, None, ids)) < TOL
     with pytest.raises(RuntimeError, match="merged"):
         merged.set_adapter(adapter, spec)
 
@@ -135,7 +114,7 @@ def test_merged_session_takes_modules_the_graph_has_no_lora_inputs_for(decoder, 
     assert decoder.hot_swap_refusal(*adapters["A"][:2]) is None
     with pytest.raises(ValueError, match=re.escape(refusal)):
         decoder.set_adapter(adapter, spec)
-    diff = _max_diff(decoder.merged(adapter, spec).logits(prompt), _reference_logits(tiny_base_dir, path, prompt))
+    diff = max_diff(decoder.merged(adapter, spec).logits(prompt), reference_logits(tiny_base_dir, path, prompt))
     print(f"\nmerged k_proj + down_proj vs PEFT: max abs diff {diff:.2e}")
     assert diff < TOL
 
@@ -160,14 +139,14 @@ def test_standalone_merged_model_runs_in_a_plain_session(exported, decoder, adap
     }
     feed.update({name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for name in names[3:]})
     logits = session.run([onnx_io.LOGITS], feed)[0][0]
-    diff = _max_diff(logits, _reference_logits(tiny_base_dir, path, prompt))
+    diff = max_diff(logits, reference_logits(tiny_base_dir, path, prompt))
     print(f"\nstandalone merged .onnx in a plain ORT session vs PEFT: max abs diff {diff:.2e}")
     assert diff < TOL
     # The decoder opens it too (nothing to hot-swap) and decodes through its cache.
     standalone = OnnxDecoder(out)
     assert standalone.target_modules == ()
     want = decoder.merged(adapter, spec).logits(prompt + EXTRA)
-    assert _max_diff(standalone.logits(prompt + EXTRA, prefill=len(prompt)), want) < TOL
+    assert max_diff(standalone.logits(prompt + EXTRA, prefill=len(prompt)), want) < TOL
     # The LoRA branch is gone, not just fed empty: 2 Gemms (A, then B adding to W x) per target linear.
     removed = len(onnx.load(str(exported)).graph.node) - len(onnx.load(str(out)).graph.node)
     assert removed >= 2 * decoder.num_layers * len(decoder.target_modules)
@@ -175,7 +154,7 @@ def test_standalone_merged_model_runs_in_a_plain_session(exported, decoder, adap
 
 def test_greedy_generate_matches_hf_generate(decoder, adapters, prompt, tokenizer, tiny_base_dir):
     adapter, spec, path = adapters["A"]
-    model = _peft_model(tiny_base_dir, path)
+    model = peft_model(tiny_base_dir, path)
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([prompt]),
@@ -205,7 +184,7 @@ def test_adapters_switch_without_a_new_session(decoder, adapters, prompt, tiny_b
             decoder.set_adapter(adapter, spec)
         else:
             decoder.clear_adapter()
-        diff = _max_diff(decoder.logits(ids, prefill=len(prompt)), _reference_logits(tiny_base_dir, path, ids))
+        diff = max_diff(decoder.logits(ids, prefill=len(prompt)), reference_logits(tiny_base_dir, path, ids))
         print(f"\nafter switching to {name or 'no adapter'}: max abs diff {diff:.2e}")
         assert diff < TOL
         assert decoder.session is session
@@ -225,7 +204,7 @@ def test_in_place_kv_cache_grows_and_matches_the_plain_cache(decoder, adapters, 
         tokens, logits = list(decoder.generate(prompt, 9)), decoder.logits(ids, prefill=len(prompt))
         monkeypatch.setattr(decoder, "_in_place_cache", False)
         assert list(decoder.generate(prompt, 9)) == tokens
-        assert _max_diff(decoder.logits(ids, prefill=len(prompt)), logits) < 1e-5
+        assert max_diff(decoder.logits(ids, prefill=len(prompt)), logits) < 1e-5
     finally:
         decoder.clear_adapter()
 
@@ -324,7 +303,7 @@ def grid_base_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     """The tiny Llama with its weights rounded as the default base model's GGUF stores them (linears Q4_1, the
     tied embedding Q8_0), saved as a Hugging Face directory."""
     path = tmp_path_factory.mktemp("grid-llama")
-    model = _hf_model(tiny_base_dir)
+    model = hf_model(tiny_base_dir)
     with torch.no_grad():
         for layer in model.model.layers:
             for module in lora_spec.ATTN_MODULES + lora_spec.MLP_MODULES:
@@ -370,15 +349,15 @@ def test_packed_decoder_matches_pytorch_in_every_mode(grid_decoder, grid_base_di
     # q, k, v as one call; o; gate, up as one call; down; the Q8_0 lm_head's two 4-bit parts
     assert ops.count("MatMulNBits") == 4 * layers + 2 and ops.count("Split") == 2 * layers
     ids = prompt + EXTRA
-    diff = _max_diff(grid_decoder.logits(ids, prefill=len(prompt)), _reference_logits(grid_base_dir, None, ids))
+    diff = max_diff(grid_decoder.logits(ids, prefill=len(prompt)), reference_logits(grid_base_dir, None, ids))
     print(f"\npacked 4-bit base vs PyTorch: max abs diff {diff:.2e}")
     assert diff < TOL
 
     adapter, spec, path = _save_random_adapter(grid_base_dir, SPEC_A, grid_decoder.fingerprint, tmp_path / "a", 5)
-    want = _reference_logits(grid_base_dir, path, ids)
+    want = reference_logits(grid_base_dir, path, ids)
     grid_decoder.set_adapter(adapter, spec)
     try:
-        diff = _max_diff(grid_decoder.logits(ids, prefill=len(prompt)), want)
+        diff = max_diff(grid_decoder.logits(ids, prefill=len(prompt)), want)
     finally:
         grid_decoder.clear_adapter()
     print(f"packed base + hot-swapped adapter vs PEFT: max abs diff {diff:.2e}")
@@ -388,7 +367,7 @@ def test_packed_decoder_matches_pytorch_in_every_mode(grid_decoder, grid_base_di
     # The merged weights are off the grid: they stay float32, every other linear stays packed.
     merged_names = {onnx_io.weight_name(i, m) for i in range(layers) for m in spec.target_modules}
     assert set(merged.packed) == set(grid_decoder.packed) - merged_names
-    diff = _max_diff(merged.logits(ids, prefill=len(prompt)), want)
+    diff = max_diff(merged.logits(ids, prefill=len(prompt)), want)
     print(f"packed base with a merged adapter vs PEFT: max abs diff {diff:.2e}")
     assert diff < TOL
 
@@ -410,10 +389,10 @@ def test_int8_activations_are_opt_in_fast_and_close(grid_decoder, grid_base_dir,
     fast = OnnxDecoder(grid_decoder.path, intra_op_threads=1, int8_activations=True)
     assert fast.int8_activations and fast.packed == grid_decoder.packed
     ids = prompt + EXTRA
-    want = _reference_logits(grid_base_dir, None, ids)
-    exact_diff = _max_diff(grid_decoder.logits(ids, prefill=len(prompt)), want)
+    want = reference_logits(grid_base_dir, None, ids)
+    exact_diff = max_diff(grid_decoder.logits(ids, prefill=len(prompt)), want)
     got = fast.logits(ids, prefill=len(prompt))
-    diff = _max_diff(got, want)
+    diff = max_diff(got, want)
     scale = float(np.abs(want).max())
     print(f"\nint8 activations vs PyTorch: max abs diff {diff:.2e} (exact {exact_diff:.2e}, largest logit {scale:.2f})")
     assert exact_diff < TOL < diff  # the fast mode really runs int8: it is not the exact function

@@ -39,18 +39,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import loopback_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import installed
-from test_coordinator import Recorder, _certificates
-from test_fuzz import FileAudit
-from test_worker import (  # noqa: F401 - fixtures: a scripted coordinator, adapters
-    ScriptedCoordinator,
-    coordinator,
-    refused,
-    wires,
-)
+from support import FileAudit, Recorder, ScriptedCoordinator, certificates, installed, loopback_worker, rpc_error
 
 from coordinator.server import CoordinatorConfig, RunningCoordinator
 from coordinator.server import start as start_coordinator
@@ -84,8 +75,8 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Our CA with a server certificate for 127.0.0.1 and a client certificate, and another CA's certificate."""
     root = tmp_path_factory.mktemp("pki")
-    certs = _certificates(root / "ours")
-    certs["other-ca.pem"] = _certificates(root / "other")["ca.pem"]
+    certs = certificates(root / "ours")
+    certs["other-ca.pem"] = certificates(root / "other")["ca.pem"]
     return certs
 
 
@@ -378,7 +369,7 @@ class Scripted:
 
 
 @pytest.fixture
-def scripted(coordinator, start_worker, connect, wires, fingerprint, tmp_path) -> Scripted:  # noqa: F811
+def scripted(coordinator, start_worker, connect, wires, fingerprint, tmp_path) -> Scripted:
     script, target, _ = coordinator
     return Scripted(script, connect(start_worker(coordinator=target)), tmp_path / "cache", wires, fingerprint)
 
@@ -386,8 +377,8 @@ def scripted(coordinator, start_worker, connect, wires, fingerprint, tmp_path) -
 def _ask(scripted: Scripted, rpc: str, adapter_id: str) -> grpc.RpcError:
     ref = pb.AdapterRef(adapter_id=adapter_id)
     if rpc == "Generate":
-        return refused(scripted.stub.Generate, pb.GenerateRequest(prompt="Hi", adapter=ref), timeout=TIMEOUT)
-    return refused(scripted.stub.Prefetch, pb.PrefetchRequest(adapters=[ref]), timeout=TIMEOUT)
+        return rpc_error(scripted.stub.Generate, pb.GenerateRequest(prompt="Hi", adapter=ref), timeout=TIMEOUT)
+    return rpc_error(scripted.stub.Prefetch, pb.PrefetchRequest(adapters=[ref]), timeout=TIMEOUT)
 
 
 FORGERIES = [

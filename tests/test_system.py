@@ -12,20 +12,17 @@ import json
 import math
 import os
 import re
-import shutil
-import socket
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
+from support import COORDINATOR_JOB, SCRAPE_S, WORKER_JOB, Prometheus, poll, prometheus_program, run_prometheus
 
 from edge_client.client import EdgeClient, EdgeError
 from loracast_cli.launch import LORACAST, ServerProcess, coordinator_argv, ready_pattern, worker_argv
@@ -38,12 +35,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "loracast.json"
 GRAFANA_DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 GRAFANA_DASHBOARDS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "loracast.yml"
 
-COORDINATOR_JOB, WORKER_JOB = "loracast-coordinator", "loracast-worker"
 STARTUP_S = 300.0  # a server's start on a busy 2-core machine: torch import, model load, the worker's ONNX export
-SCRAPE_S = 120.0  # for Prometheus to start, find the targets up and scrape what the asks did
 GRAFANA_RANGE = "5m"  # stands in for Grafana's $__rate_interval: longer than this whole test, many 1 s scrapes
-INSTALL_PROMETHEUS = "Prometheus is missing: install it with `apt-get install -y prometheus` (.ci/run does)"
-
 TASK = "Reverse the given list."
 OTHER_TASK = "Write the word in capitals."
 
@@ -139,7 +132,7 @@ def test_prometheus_scrapes_every_server_compose_starts():
     }
     prometheus = _yaml(COMPOSE_FILE)["services"]["prometheus"]
     assert _mounts(prometheus)["deploy/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
-    promtool = [_installed("promtool"), "check", "config", str(PROMETHEUS_CONFIG)]
+    promtool = [prometheus_program("promtool"), "check", "config", str(PROMETHEUS_CONFIG)]
     check = subprocess.run(promtool, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
@@ -176,70 +169,6 @@ def dashboard_expressions() -> list[tuple[str, str]]:
     return found
 
 
-@pytest.fixture
-def processes() -> Iterator[list[ServerProcess]]:
-    """Started processes; whatever a failing test left running is killed."""
-    started: list[ServerProcess] = []
-    yield started
-    for process in started:
-        process.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _poll(what: str, check: Callable[[], Any], timeout: float, log: Callable[[], str] = str) -> Any:
-    """`check()` again and again until it returns something true; fails the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except OSError as exc:  # Prometheus still starting: connection refused
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.2)
-    pytest.fail(f"{what}: not within {timeout:.0f} s (last: {last})\n{log()}")
-
-
-class Prometheus:
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def api(self, path: str, **params: str) -> Any:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as reply:
-            body = json.load(reply)
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict]:
-        data = self.api("query", query=expr)
-        assert data["resultType"] == "vector", (expr, data)
-        return data["result"]
-
-    def scraped_since(self, moment: float, jobs: set[str]) -> bool:
-        """Every target of `jobs` is up and was last scraped after `moment` (a time.time())."""
-        if self.query("up == 0"):
-            return False
-        # timestamp() of the selector itself: the scrape's time (of any other expression: the evaluation's).
-        scrapes = self.query("timestamp(up) and on (job, instance) up == 1")
-        return {s["metric"]["job"] for s in scrapes} == jobs and all(float(s["value"][1]) > moment for s in scrapes)
-
-
-def _installed(program: str) -> str:
-    """The path of a Prometheus program; a missing one fails the test (a skip would pass CI untested)."""
-    path = shutil.which(program)
-    if path is None:
-        pytest.fail(INSTALL_PROMETHEUS)
-    return path
-
-
 def _start_prometheus(
     binary: str, processes: list[ServerProcess], tmp_path: Path, targets: dict[str, list[str]]
 ) -> Prometheus:
@@ -250,30 +179,6 @@ def _start_prometheus(
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": targets[job["job_name"]]}]
     return run_prometheus(binary, config, processes, tmp_path)[0]
-
-
-def run_prometheus(
-    binary: str, config: dict, processes: list[ServerProcess], tmp_path: Path
-) -> tuple[Prometheus, ServerProcess]:
-    """A real Prometheus on a free port running `config`, once it says it is ready."""
-    config_file = tmp_path / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(config))
-    address = f"127.0.0.1:{_free_port()}"
-    argv = [
-        binary,
-        f"--config.file={config_file}",
-        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address={address}",
-    ]
-    process = ServerProcess("prometheus", argv, tmp_path)
-    processes.append(process)
-
-    def ready() -> bool:
-        with urllib.request.urlopen(f"http://{address}/-/ready", timeout=5) as reply:
-            return reply.status == 200
-
-    _poll("Prometheus ready", ready, SCRAPE_S, process.stderr)
-    return Prometheus(f"http://{address}"), process
 
 
 def _series_with_values(prometheus: Prometheus, expr: str) -> list[float]:
@@ -298,7 +203,7 @@ def _raw_samples(prometheus: Prometheus) -> dict[str, list]:
 def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
     tiny_base_dir, tiny_t2l, tmp_path, processes
 ):
-    prometheus_binary = _installed("prometheus")  # before minutes of server start-up
+    prometheus_binary = prometheus_program("prometheus")  # before minutes of server start-up
     env = {**os.environ, "LORACAST_CACHE": str(tmp_path / "cache")}
     coordinator = ServerProcess(
         "coordinator",
@@ -348,7 +253,7 @@ def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
     jobs = {COORDINATOR_JOB, WORKER_JOB}
 
     def scraped_after(moment: float) -> None:
-        _poll("both servers up and scraped", lambda: prometheus.scraped_since(moment, jobs), SCRAPE_S)
+        poll("both servers up and scraped", lambda: prometheus.scraped_since(moment, jobs), SCRAPE_S)
 
     def round_one_scraped(tokens: int) -> bool:
         counts = {
@@ -368,7 +273,7 @@ def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
             client.ask("[1]", task="   ")
         refusals.append(refused.value)
         # Not just a scrape: one that holds the first round (a server books a request after its answer is sent).
-        _poll("the first round scraped", lambda: round_one_scraped(first.tokens), SCRAPE_S)
+        poll("the first round scraped", lambda: round_one_scraped(first.tokens), SCRAPE_S)
         again = client.ask("[4, 5, 6]", task=TASK, max_new_tokens=4)
         other = client.ask("cat", task=OTHER_TASK, max_new_tokens=4, mode="merged")
         with pytest.raises(EdgeError) as refused:

@@ -28,11 +28,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from peft import PeftModel
-from support import installed
-from test_onnx_session import TOL, _hf_model, _max_diff, _reference_logits
+from support import TOL, hf_model, installed, max_diff, reference_logits, rpc_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loracast import adapter_format, adapter_wire
+from loracast import adapter_format
 from loracast.grpc_errors import RETRY_AFTER_MS
 from loracast.grpc_security import ServerSecurity, open_channel
 from loracast.grpc_server import wait_until_serving
@@ -49,8 +48,6 @@ from worker.chat import ChatTokenizer
 from worker.onnx_session import OnnxDecoder
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = LoraSpec(("q_proj", "v_proj"), r=4, alpha=16.0)
-CHUNK = 256  # the scripted coordinator's chunk size: the tiny adapters (1,792 bytes) span several chunks
 TASK = "Reverse the given list."
 PROMPT = "What is the capital of France?"
 NEW_TOKENS = 8
@@ -99,120 +96,6 @@ def test_an_export_for_another_graph_io_version_is_missing_and_exported_again(
     assert _metadata(graph_file)[onnx_io.META_VERSION] == onnx_io.IO_VERSION
 
 
-def random_wire(tiny_base_dir: Path, fingerprint: str, seed: int) -> adapter_wire.WireAdapter:
-    """A random adapter for the tiny Llama, as the coordinator would send it (fp16)."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
-    rng = np.random.default_rng(seed)
-    adapter = {}
-    for i, layer in enumerate(model.model.layers):
-        for module in SPEC.target_modules:
-            lin = getattr(layer.self_attn, module)
-            adapter[(i, module)] = (
-                rng.standard_normal((SPEC.r, lin.in_features)) * 0.2,
-                rng.standard_normal((lin.out_features, SPEC.r)) * 0.2,
-            )
-    metadata = {adapter_format.META_FINGERPRINT: fingerprint, "loracast.hypernet_version": "test-1"}
-    return adapter_wire.encode(adapter, SPEC, metadata)
-
-
-@pytest.fixture(scope="module")
-def wires(tiny_base_dir: Path, fingerprint: str) -> dict[str, adapter_wire.WireAdapter]:
-    return {
-        "a": random_wire(tiny_base_dir, fingerprint, 1),
-        "b": random_wire(tiny_base_dir, fingerprint, 2),
-        "c": random_wire(tiny_base_dir, fingerprint, 3),
-        "other-base": random_wire(tiny_base_dir, "0" * 64, 4),
-    }
-
-
-class ScriptedCoordinator(pb_grpc.CoordinatorServicer):
-    """Serves fixed adapters; `faults` are consumed one per FetchAdapter call: None, ('cut', n) (UNAVAILABLE after
-    n bytes) or 'flip' (one corrupt byte). `gate`, when set, holds GenerateFromDescription until released, and
-    InternalizeDocument after its first progress event until released or its caller goes away."""
-
-    def __init__(self) -> None:
-        self.adapters: dict[str, adapter_wire.WireAdapter] = {}
-        self.by_text: dict[bytes, str] = {}
-        self.fetches: list[pb.FetchAdapterRequest] = []
-        self.described: list[str] = []
-        # (chunks, the first chunk's dtype and budget) per InternalizeDocument
-        self.documents: list[tuple[int, int, float | None]] = []
-        self.document_deadlines: list[float] = []  # seconds each InternalizeDocument call had left when it came
-        self.abandoned = threading.Event()  # an InternalizeDocument caller went away while it was held
-        self.faults: list = []
-        self.gate: threading.Event | None = None
-        self.entered = threading.Event()
-
-    def add(self, wire: adapter_wire.WireAdapter, text: bytes | None = None) -> str:
-        self.adapters[wire.manifest.adapter_id] = wire
-        if text is not None:
-            self.by_text[text] = wire.manifest.adapter_id
-        return wire.manifest.adapter_id
-
-    def _answer(self, text: bytes, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        if text not in self.by_text:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no hypernetwork for this in the script")
-        return pb.GenerateResponse(manifest=self.adapters[self.by_text[text]].manifest)
-
-    def GenerateFromDescription(self, request, context):
-        self.described.append(request.description)
-        if self.gate is not None:
-            self.entered.set()
-            self.gate.wait(WAIT)
-        if request.description == "busy":
-            context.set_trailing_metadata(((RETRY_AFTER_MS, "1234"),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many generations in flight")
-        if request.description == "no time":
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "a generation takes longer: allow more time")
-        if request.description.startswith("x" * 100):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the description is over the size limit")
-        return self._answer(request.description.strip().encode(), context)
-
-    def InternalizeDocument(self, request_iterator, context):
-        chunks = list(request_iterator)
-        budget = chunks[0].budget_seconds if chunks[0].HasField("budget_seconds") else None
-        self.documents.append((len(chunks), chunks[0].dtype, budget))
-        self.document_deadlines.append(context.time_remaining())
-        yield pb.InternalizeEvent(progress=pb.InternalizeProgress(phase="start", estimate_seconds=budget or 0.0))
-        if self.gate is not None:
-            self.entered.set()
-            while not self.gate.wait(0.01):
-                if not context.is_active():
-                    self.abandoned.set()
-                    return
-        yield pb.InternalizeEvent(progress=pb.InternalizeProgress(phase="done"))
-        yield pb.InternalizeEvent(result=self._answer(b"".join(c.data for c in chunks), context))
-
-    def FetchAdapter(self, request, context):
-        self.fetches.append(request)
-        wire = self.adapters.get(request.adapter_id)
-        if wire is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no adapter {request.adapter_id[:12]}")
-        fault = self.faults.pop(0) if self.faults else None
-        yield pb.AdapterChunk(manifest=wire.manifest)
-        sent = 0
-        for chunk in adapter_wire.chunks(wire.payload, request.offset, CHUNK):
-            if isinstance(fault, tuple) and sent + len(chunk.data) > fault[1]:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the stream was cut")
-            if fault == "flip":
-                chunk.data, fault = bytes([chunk.data[0] ^ 0x40]) + chunk.data[1:], None
-            sent += len(chunk.data)
-            yield pb.AdapterChunk(data=chunk)
-
-
-@pytest.fixture
-def coordinator() -> Iterator[tuple[ScriptedCoordinator, str, grpc.Server]]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    script = ScriptedCoordinator()
-    pb_grpc.add_CoordinatorServicer_to_server(script, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield script, f"127.0.0.1:{port}", server
-    if script.gate is not None:
-        script.gate.set()
-    server.stop(None)
-
-
 def ask(
     stub: pb_grpc.WorkerStub,
     ref: pb.AdapterRef | None = None,
@@ -232,14 +115,6 @@ def ask(
     if progress is not None:
         progress.extend(e.progress for e in events[:first])
     return events[first].started, "".join(e.token.text for e in events[first + 1 : -1]), events[-1].done
-
-
-def refused(call, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        result = call(*args, **kwargs)
-        if isinstance(result, grpc.Call):  # a stream: the error comes while reading it
-            list(result)
-    return info.value
 
 
 def _count(histogram, **labels) -> float:
@@ -346,7 +221,7 @@ def test_a_task_end_to_end_through_the_real_coordinator(real_coordinator, start_
 
     # This coordinator runs no Doc-to-LoRA: its FAILED_PRECONDITION reaches the client as it is.
     request = pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(document=b"The office opens at 8."))
-    error = refused(stub.Generate, request, timeout=WAIT)
+    error = rpc_error(stub.Generate, request, timeout=WAIT)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and error.details().startswith("coordinator: ")
 
 
@@ -391,17 +266,17 @@ def test_a_document_through_the_real_doc_to_lora_is_hot_swapped_and_matches_pyto
     merged = decoder.merged(resident.adapter, resident.spec).logits(ids, prefill=len(prompt))
     decoder.set_adapter(resident.adapter, resident.spec)
     got = decoder.logits(ids, prefill=len(prompt))
-    model = _hf_model(tiny_base_dir)
+    model = hf_model(tiny_base_dir)
     wrappers = inject(model, resident.spec)
     with torch.no_grad(), applied(wrappers, to_torch(resident.adapter)):
         want = model(torch.tensor([ids])).logits[0].numpy()
         out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
-    diff = _max_diff(got, want)
+    diff = max_diff(got, want)
     print(
-        f"\nreceived D2L adapter vs PyTorch + loracast.lora: hot-swap {diff:.2e}, merged {_max_diff(merged, want):.2e}"
+        f"\nreceived D2L adapter vs PyTorch + loracast.lora: hot-swap {diff:.2e}, merged {max_diff(merged, want):.2e}"
     )
-    assert diff < TOL and _max_diff(merged, want) < TOL
-    assert _max_diff(want, _reference_logits(tiny_base_dir, None, ids)) > 10 * TOL, "the adapter must matter"
+    assert diff < TOL and max_diff(merged, want) < TOL
+    assert max_diff(want, reference_logits(tiny_base_dir, None, ids)) > 10 * TOL, "the adapter must matter"
     hf = AutoTokenizer.from_pretrained(tiny_base_dir)
     assert hf.decode(out[0, len(prompt) :], skip_special_tokens=True) == text
 
@@ -424,11 +299,11 @@ def test_hot_swap_and_merged_match_pytorch_peft_with_the_received_adapter(
     peft_dir = adapter_format.save(tmp_path / "peft", received.adapter, received.spec, "tiny", metadata)
     prompt = ChatTokenizer(model_dir).encode_chat(PROMPT)  # equal to apply_chat_template: test_onnx_session
     ids = [*prompt, 8, 300, 41]
-    want = _reference_logits(tiny_base_dir, peft_dir, ids)
+    want = reference_logits(tiny_base_dir, peft_dir, ids)
     decoder = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=1)
     decoder.set_adapter(received.adapter, received.spec)
-    hot_diff = _max_diff(decoder.logits(ids, prefill=len(prompt)), want)
-    merged_diff = _max_diff(decoder.merged(received.adapter, received.spec).logits(ids, prefill=len(prompt)), want)
+    hot_diff = max_diff(decoder.logits(ids, prefill=len(prompt)), want)
+    merged_diff = max_diff(decoder.merged(received.adapter, received.spec).logits(ids, prefill=len(prompt)), want)
     print(f"\nreceived adapter vs PEFT: hot-swap {hot_diff:.2e}, merged {merged_diff:.2e}")
     assert hot_diff < TOL and merged_diff < TOL
 
@@ -468,7 +343,7 @@ def test_a_corrupted_chunk_is_detected_and_never_applied(coordinator, start_work
     adapter_id = script.add(wires["c"])
     script.faults = ["flip", "flip"]
     stub = connect(start_worker(coordinator=target))
-    error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(adapter_id=adapter_id)))
+    error = rpc_error(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(adapter_id=adapter_id)))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "SHA-256" in error.details()
     assert [r.offset for r in script.fetches] == [0, 0]  # fetched once more from scratch, corrupt again
     assert stub.ListAdapters(pb.ListResidentRequest(), timeout=WAIT).adapters == []
@@ -485,7 +360,7 @@ def test_an_adapter_for_another_base_model_is_refused_before_any_data(
     script, target, _ = coordinator
     script.add(wires["other-base"], b"Made for another model.")
     stub = connect(start_worker(coordinator=target))
-    error = refused(
+    error = rpc_error(
         stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task="Made for another model."))
     )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "base model" in error.details()
@@ -534,7 +409,7 @@ def test_a_documents_budget_goes_to_the_coordinator_and_its_progress_comes_back_
     assert script.documents[-1] == (1, pb.FLOAT16, 9.0)
 
     for ref in (pb.AdapterRef(task=TASK, budget_seconds=1.0), pb.AdapterRef(adapter_id=adapter_id, budget_seconds=1.0)):
-        error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=ref), timeout=WAIT)
+        error = rpc_error(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=ref), timeout=WAIT)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "for a document" in error.details()
 
 
@@ -562,9 +437,9 @@ def test_prefetch_installs_in_request_order_and_stops_at_the_first_failure(
     assert [x.adapter_id for x in stub.ListAdapters(pb.ListResidentRequest(), timeout=WAIT).adapters] == [b, a]
 
     missing = pb.AdapterRef(adapter_id="d" * 64)
-    error = refused(stub.Prefetch, pb.PrefetchRequest(adapters=[missing, pb.AdapterRef(adapter_id=b)]), timeout=WAIT)
+    error = rpc_error(stub.Prefetch, pb.PrefetchRequest(adapters=[missing, pb.AdapterRef(adapter_id=b)]), timeout=WAIT)
     assert error.code() == grpc.StatusCode.NOT_FOUND and "neither resident nor known" in error.details()
-    error = refused(stub.Prefetch, pb.PrefetchRequest(adapters=[pb.AdapterRef()]), timeout=WAIT)
+    error = rpc_error(stub.Prefetch, pb.PrefetchRequest(adapters=[pb.AdapterRef()]), timeout=WAIT)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -591,12 +466,12 @@ def test_a_restarted_worker_serves_its_cache_while_the_coordinator_is_down(
     assert len(script.described) == 1 and len(script.fetches) == 1
 
     for ref in (pb.AdapterRef(adapter_id=b), pb.AdapterRef(task="A task nobody asked for before.")):
-        error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=ref), timeout=WAIT)
+        error = rpc_error(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=ref), timeout=WAIT)
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
 
     lone = connect(start_worker(coordinator=None, cache_dir=tmp_path / "cache"))  # no coordinator configured
     assert ask(lone, pb.AdapterRef(task=TASK))[0].adapter_id == a
-    error = refused(lone.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(adapter_id=b)))
+    error = rpc_error(lone.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(adapter_id=b)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -606,12 +481,12 @@ def test_a_coordinator_that_does_not_answer_is_unavailable_and_its_deadline_refu
     script, target, _ = coordinator
     script.add(wires["a"], TASK.encode())
     stub = connect(start_worker(coordinator=target, coordinator_timeout=0.5))
-    error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task="no time")))
+    error = rpc_error(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task="no time")))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.details()
     assert error.details() == "coordinator: a generation takes longer: allow more time"
 
     script.gate = threading.Event()  # the generation hangs past the worker's limit on a coordinator call
-    error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task=TASK)), timeout=WAIT)
+    error = rpc_error(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task=TASK)), timeout=WAIT)
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
     assert "cannot be reached" in error.details()
 
@@ -637,10 +512,10 @@ def test_invalid_requests_are_refused_with_invalid_argument(coordinator, start_w
     _, target, _ = coordinator
     stub = connect(start_worker(coordinator=target))
     for name, request in INVALID.items():
-        error = refused(stub.Generate, request, timeout=WAIT)
+        error = rpc_error(stub.Generate, request, timeout=WAIT)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.code(), error.details())
         assert "\n" not in error.details() and "Traceback" not in error.details()
-    error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(adapter_id="e" * 64)))
+    error = rpc_error(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(adapter_id="e" * 64)))
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -652,7 +527,7 @@ def test_a_saturated_worker_refuses_with_resource_exhausted_and_retry_after(coor
     with futures.ThreadPoolExecutor(1) as pool:
         first = pool.submit(ask, stub, pb.AdapterRef(task=TASK))
         assert script.entered.wait(WAIT)  # the first generation holds the only slot, waiting on the coordinator
-        error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT), timeout=WAIT)
+        error = rpc_error(stub.Generate, pb.GenerateRequest(prompt=PROMPT), timeout=WAIT)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert dict(error.trailing_metadata())[RETRY_AFTER_MS] == str(worker_server.BUSY_RETRY_MS)
         script.gate.set()
@@ -660,7 +535,7 @@ def test_a_saturated_worker_refuses_with_resource_exhausted_and_retry_after(coor
     assert ask(stub)[2].tokens == NEW_TOKENS  # the slot is free again
 
     # The coordinator's own RESOURCE_EXHAUSTED goes back to the client with its retry-after.
-    error = refused(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task="busy")))
+    error = rpc_error(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task="busy")))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert dict(error.trailing_metadata())[RETRY_AFTER_MS] == "1234"
 
@@ -674,7 +549,7 @@ def test_a_bug_is_internal_with_one_line_for_the_client_and_the_traceback_in_the
         raise RuntimeError("secret detail\nsecond line")
 
     monkeypatch.setattr(worker.servicer.tokenizer, "encode_chat", broken)
-    error = refused(connect(worker).Generate, pb.GenerateRequest(prompt=PROMPT), timeout=WAIT)
+    error = rpc_error(connect(worker).Generate, pb.GenerateRequest(prompt=PROMPT), timeout=WAIT)
     assert error.code() == grpc.StatusCode.INTERNAL
     assert error.details() == "internal error in the worker (RuntimeError); see its log"
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -726,7 +601,7 @@ def test_decoding_stops_when_the_client_cancels(start_worker, connect, model_dir
 def test_with_tokens_configured_unauthenticated_calls_are_refused(start_worker, connect):
     worker = start_worker(security=ServerSecurity(tokens=frozenset({"s3cret"})))
     for token in (None, "wrong"):
-        error = refused(connect(worker, token).ListAdapters, pb.ListResidentRequest(), timeout=WAIT)
+        error = rpc_error(connect(worker, token).ListAdapters, pb.ListResidentRequest(), timeout=WAIT)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert connect(worker, "s3cret").ListAdapters(pb.ListResidentRequest(), timeout=WAIT).capacity_bytes > 0
 
@@ -830,7 +705,7 @@ def test_worker_export_writes_a_model_plain_onnxruntime_runs(
     logits = session.run([onnx_io.LOGITS], feed)[0][0]
     received = read_installed(tmp_path / "cache", adapter_id, fingerprint)
     decoder = OnnxDecoder(model_dir / model_cache.MODEL_FILE, intra_op_threads=1)
-    assert _max_diff(logits, decoder.merged(received.adapter, received.spec).logits(ids)) < TOL
+    assert max_diff(logits, decoder.merged(received.adapter, received.spec).logits(ids)) < TOL
 
     assert cli.main(["worker", "export", "--adapter", "f" * 64, "--out", str(tmp_path / "x.onnx"), *base_args]) == 2
     err = capsys.readouterr().err
