@@ -62,6 +62,11 @@ def test_the_worker_reaches_the_coordinator_only_through_its_client():
     assert [user for user in users if "CoordinatorStub" in _identifiers(ROOT / user)] == [
         "worker/coordinator_client.py"
     ]
+    # The adapter store, the session and the rest speak no gRPC: the client and the worker's servicer do.
+    assert [user for user in users if "grpc" in _imported(ROOT / user)] == [
+        "worker/coordinator_client.py",
+        "worker/server.py",
+    ]
 
 
 def test_each_d2l_data_source_builds_only_on_the_documents_and_names_modules():

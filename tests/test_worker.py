@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loracast import adapter_format
 from loracast.grpc_errors import RETRY_AFTER_MS
-from loracast.grpc_security import ServerSecurity, open_channel
+from loracast.grpc_security import ClientSecurity, ServerSecurity, open_channel
 from loracast.grpc_server import wait_until_serving
 from loracast.lora import applied, inject, to_torch
 from loracast.lora_spec import LoraSpec
@@ -43,8 +43,9 @@ from loracast_cli import cli
 from loracast_cli.launch import LORACAST
 from worker import metrics, model_cache, onnx_io
 from worker import server as worker_server
-from worker.adapter_store import read_installed
+from worker.adapter_store import StreamInterrupted, read_installed
 from worker.chat import ChatTokenizer
+from worker.coordinator_client import CoordinatorClient
 from worker.onnx_session import OnnxDecoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,6 +337,64 @@ def test_a_stream_cut_mid_transfer_resumes_from_its_offset(coordinator, start_wo
     payload = (tmp_path / "cache" / "adapters" / adapter_id / "payload.bin").read_bytes()
     assert hashlib.sha256(payload).hexdigest() == wires["c"].manifest.payload_sha256
     assert list((tmp_path / "cache" / "partial").iterdir()) == []
+
+
+class _Failure(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "scripted"
+
+
+class _FailingFetch:
+    """A FetchAdapter call that sends its manifest, then fails with `code`; records whether it was cancelled."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.messages = iter([pb.AdapterChunk(manifest=pb.AdapterManifest())])
+        self.code, self.cancelled = code, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> pb.AdapterChunk:
+        message = next(self.messages, None)
+        if message is None:
+            raise _Failure(self.code)
+        return message
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Context:
+    def time_remaining(self) -> float:
+        return WAIT
+
+
+@pytest.mark.parametrize(
+    ("code", "resumed"), [(grpc.StatusCode.UNAVAILABLE, True), (grpc.StatusCode.DATA_LOSS, True),
+                          (grpc.StatusCode.NOT_FOUND, False), (grpc.StatusCode.DEADLINE_EXCEEDED, False)]
+)  # fmt: skip
+def test_the_coordinator_client_tells_the_store_which_fetch_failures_to_resume(code, resumed):
+    """The adapter store knows no gRPC: a FetchAdapter failure a retry may mend reaches it as StreamInterrupted,
+    any other as the call's RpcError (for the servicer's status), and the store's early exit cancels the call."""
+    client = CoordinatorClient("127.0.0.1:1", ClientSecurity(), pb.FLOAT16, WAIT, busy_retry_ms=1000)
+    try:
+        call = _FailingFetch(code)
+        client._stub = type("Stub", (), {"FetchAdapter": lambda self, request, timeout: call})()
+        stream = iter(client.fetch_source(_Context())("a" * 64, 0))
+        assert next(stream).HasField("manifest")
+        with pytest.raises(StreamInterrupted if resumed else grpc.RpcError) as info:
+            next(stream)
+        assert resumed or info.value.code() == code
+        stream.cancel()
+        assert call.cancelled
+    finally:
+        client.close()
 
 
 def test_a_corrupted_chunk_is_detected_and_never_applied(coordinator, start_worker, connect, wires, tmp_path):

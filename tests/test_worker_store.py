@@ -1,7 +1,8 @@
 """The worker's adapter cache on disk: verified, resumable installs, an LRU bounded in bytes, restarts.
 
-No model and no gRPC server: adapters are random matrices on the wire format, and the coordinator's FetchAdapter
-stream is a generator that can break, corrupt or misbehave on demand.
+No model and no gRPC: adapters are random matrices on the wire format, and the coordinator's FetchAdapter stream is
+a generator that can break, corrupt or misbehave on demand, raising what the coordinator client raises for a break
+(StreamInterrupted); which gRPC failures are breaks is the client's to say (tests/test_worker.py).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -18,7 +18,14 @@ from loracast.adapter_format import META_FINGERPRINT
 from loracast.lora_spec import LoraSpec
 from loracast.v1 import loracast_pb2 as pb
 from worker import adapter_store, metrics, server
-from worker.adapter_store import AdapterRejected, AdapterStore, NotResident, StoreError, TransferBroken
+from worker.adapter_store import (
+    AdapterRejected,
+    AdapterStore,
+    NotResident,
+    StoreError,
+    StreamInterrupted,
+    TransferBroken,
+)
 
 FINGERPRINT = "f" * 64
 SPEC = LoraSpec(("q_proj", "v_proj"), r=4, alpha=8.0)
@@ -37,20 +44,13 @@ def wire_adapter(seed: int, fingerprint: str = FINGERPRINT) -> adapter_wire.Wire
     return adapter_wire.encode(adapter, SPEC, {META_FINGERPRINT: fingerprint, "loracast.hypernet_version": "t-1"})
 
 
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
+class NoSuchAdapter(Exception):
+    """What a source raises for an adapter it does not have (the coordinator client: a NOT_FOUND RpcError)."""
 
 
 class Source:
     """A FetchAdapter stream for one adapter, recording the offsets asked for. `faults` is consumed one per call:
-    ('cut', n) breaks with UNAVAILABLE after n bytes, 'down' fails at once, 'flip' corrupts one byte, 'skip' leaves
+    ('cut', n) breaks after n bytes, 'down' fails at once, 'flip' corrupts one byte, 'skip' leaves
     out the second chunk, 'long' sends one chunk too many; None behaves."""
 
     def __init__(self, wire: adapter_wire.WireAdapter, faults: list | None = None) -> None:
@@ -63,9 +63,9 @@ class Source:
         self.offsets.append(offset)
         fault = self.faults.pop(0) if self.faults else None
         if fault == "down":
-            raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+            raise StreamInterrupted("UNAVAILABLE: connection refused")
         if adapter_id != self.wire.manifest.adapter_id:
-            raise FakeRpcError(grpc.StatusCode.NOT_FOUND, "no such adapter")
+            raise NoSuchAdapter(adapter_id)
         yield pb.AdapterChunk(manifest=self.wire.manifest)
         chunks = list(adapter_wire.chunks(self.wire.payload, offset, CHUNK))
         if fault == "skip":
@@ -76,7 +76,7 @@ class Source:
         for chunk in chunks:
             data = chunk.data
             if isinstance(fault, tuple) and sent + len(data) > fault[1]:
-                raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "stream cut")
+                raise StreamInterrupted("UNAVAILABLE: stream cut")
             if fault == "flip":
                 data, fault = bytes([data[0] ^ 1]) + data[1:], None
             sent += len(data)
@@ -233,9 +233,8 @@ def test_ids_are_checked_before_any_path_is_built(tmp_path):
 
 def test_a_missing_adapter_is_reported_as_it_is(tmp_path):
     store = AdapterStore(tmp_path, 10**6, FINGERPRINT)
-    with pytest.raises(grpc.RpcError) as info:
+    with pytest.raises(NoSuchAdapter):
         store.ensure("c" * 64, Source(wire_adapter(31)))
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(NotResident):
         store.ensure("c" * 64, None)
 

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from google.protobuf.message import DecodeError
 
 from loracast import adapter_wire
@@ -41,21 +40,12 @@ from worker import metrics
 
 PARTIAL, ADAPTERS, SOURCES = "partial", "adapters", "sources.json"
 MANIFEST, PAYLOAD = "manifest.pb", "payload.bin"
-# A broken stream is resumed this many times; codes outside this set (NOT_FOUND, INVALID_ARGUMENT, a deadline,
-# auth) will not change on a retry and go back to the caller as they are.
-RETRIES = 3
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
+RETRIES = 3  # a broken stream is resumed this many times
 
-# (adapter id, offset) -> a FetchAdapter response stream: the manifest, then data chunks from `offset`.
+# (adapter id, offset) -> the adapter's stream: its manifest, then data chunks from `offset`. A source raises
+# StreamInterrupted for a break that asking again may mend; whatever else it raises (no such adapter, a refusal, a
+# deadline) goes back to the caller as it is. The worker's one source is the coordinator's FetchAdapter
+# (`worker.coordinator_client`), which decides which of its failures are breaks.
 ChunkSource = Callable[[str, int], Iterable[pb.AdapterChunk]]
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 log = logging.getLogger(__name__)
@@ -93,8 +83,10 @@ class Resident:
     was_resident: bool  # False: it was fetched for this call (or a concurrent one)
 
 
-class _Interrupted(Exception):
-    """The stream broke or misbehaved; what arrived so far is kept and the transfer resumes from there."""
+class StreamInterrupted(Exception):
+    """The stream broke or misbehaved; what arrived so far is kept and the transfer resumes from there (at most
+    `retries` times). Raised by the store for a stream that breaks the wire format's rules, and by a source for a
+    break that asking again may mend (a connection lost mid-stream)."""
 
 
 class _Transfer:
@@ -272,8 +264,8 @@ class AdapterStore:
         share one transfer. `manifest` (from GenerateFromDescription) lets a wrong base be refused before any
         data is asked for; without it the stream's own manifest is checked first.
 
-        Raises WireError for a malformed id, a StoreError, or the source's grpc.RpcError when retrying cannot help
-        (NOT_FOUND, auth, a deadline).
+        Raises WireError for a malformed id, a StoreError, or what the source raised other than StreamInterrupted
+        (retrying cannot help: no such adapter, a refusal, a deadline).
         """
         adapter_wire.check_adapter_id(adapter_id)
         found = self.get(adapter_id)
@@ -366,11 +358,7 @@ class AdapterStore:
             offset = part.stat().st_size if part.exists() else 0
             try:
                 manifest = self._receive(adapter_id, source, manifest, offset)
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    raise
-                problem = f"{exc.code().name}: {exc.details()}"
-            except _Interrupted as exc:
+            except StreamInterrupted as exc:
                 problem = str(exc)
             else:
                 payload = part.read_bytes()
@@ -402,13 +390,13 @@ class AdapterStore:
     ) -> pb.AdapterManifest:
         """One FetchAdapter call from `offset`, appended to the partial file; returns the manifest in force.
 
-        Raises _Interrupted unless the payload is complete (verifying it is the caller's job).
+        Raises StreamInterrupted unless the payload is complete (verifying it is the caller's job).
         """
         stream = iter(source(adapter_id, offset))
         try:
             first = next(stream, None)
             if first is None or not first.HasField("manifest"):
-                raise _Interrupted("the stream did not start with a manifest")
+                raise StreamInterrupted("the stream did not start with a manifest")
             if manifest is None:
                 self._accept(adapter_id, first.manifest)  # before a single data byte is read
                 manifest = first.manifest
@@ -416,25 +404,25 @@ class AdapterStore:
             elif first.manifest != manifest:
                 self._accept(adapter_id, first.manifest)
                 self._start_partial(adapter_id, first.manifest)
-                raise _Interrupted("the coordinator now sends other bytes (another dtype?); starting over")
+                raise StreamInterrupted("the coordinator now sends other bytes (another dtype?); starting over")
             position = offset
             with open(self._partial / f"{adapter_id}.part", "ab") as f:
                 for message in stream:
                     if not message.HasField("data"):
-                        raise _Interrupted("a second manifest in the middle of the data")
+                        raise StreamInterrupted("a second manifest in the middle of the data")
                     chunk = message.data
                     if chunk.offset != position:
-                        raise _Interrupted(f"a chunk at offset {chunk.offset}, expected {position}")
+                        raise StreamInterrupted(f"a chunk at offset {chunk.offset}, expected {position}")
                     if position + len(chunk.data) > manifest.total_size:
                         f.truncate(offset)  # over-long: nothing of this call can be trusted
-                        raise _Interrupted(f"more bytes than the manifest's {manifest.total_size}")
+                        raise StreamInterrupted(f"more bytes than the manifest's {manifest.total_size}")
                     f.write(chunk.data)
                     position += len(chunk.data)
                     metrics.BYTES_RECEIVED.inc(len(chunk.data))
                 f.flush()
                 os.fsync(f.fileno())
             if position < manifest.total_size:
-                raise _Interrupted(f"the stream ended at byte {position} of {manifest.total_size}")
+                raise StreamInterrupted(f"the stream ended at byte {position} of {manifest.total_size}")
             return manifest
         finally:
             cancel = getattr(stream, "cancel", None)

@@ -3,7 +3,8 @@
 It owns the channel and the stub, sends a request's settings (the adapters' dtype, a deadline within the worker's
 own), streams a document in and its progress back, and turns the coordinator's failures into the statuses the
 Worker service documents. The worker's servicer asks it for adapters and never sees the Coordinator protocol;
-resuming an interrupted transfer is the adapter store's job (`worker.adapter_store`), through `fetch_source`.
+resuming an interrupted transfer is the adapter store's job (`worker.adapter_store`), through `fetch_source`, whose
+streams say which failures are breaks worth resuming (StreamInterrupted): the store knows no gRPC.
 
 Several coordinators (sharing one Redis store) are one channel: gRPC's round_robin over the healthy ones
 (`grpc.health.v1`, service loracast.v1.Coordinator), calls that find one unreachable retried on another (every
@@ -17,7 +18,7 @@ import ipaddress
 import json
 import socket
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 
 import grpc
 
@@ -26,9 +27,21 @@ from loracast.grpc_errors import RETRY_AFTER_MS, RequestError
 from loracast.grpc_security import ClientSecurity, open_channel
 from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
-from worker.adapter_store import ChunkSource
+from worker.adapter_store import ChunkSource, StreamInterrupted
 
 DOCUMENT_CHUNK = 64 * 1024  # bytes per DocumentChunk sent to the coordinator
+# A FetchAdapter stream that fails with one of these is resumed from its offset; other codes (NOT_FOUND,
+# INVALID_ARGUMENT, a deadline, auth) will not change on a retry and go back to the caller as they are.
+RESUMABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 _SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 SERVICE_CONFIG = json.dumps(
     {
@@ -76,6 +89,32 @@ def channel_target(coordinators: str) -> str:
                 resolved[version].append(entry)
     version = 4 if resolved[4] else 6  # one target holds one address family
     return f"ipv{version}:{','.join(resolved[version])}"
+
+
+class _FetchStream:
+    """A FetchAdapter call as the adapter store reads it: a failure in RESUMABLE is a StreamInterrupted (the store
+    resumes from the bytes it has), any other is the call's grpc.RpcError, for `CoordinatorClient.error`."""
+
+    def __init__(self, call: Iterable[pb.AdapterChunk]) -> None:
+        self._call = call
+        self._chunks = iter(call)
+
+    def __iter__(self) -> _FetchStream:
+        return self
+
+    def __next__(self) -> pb.AdapterChunk:
+        try:
+            return next(self._chunks)
+        except grpc.RpcError as exc:
+            if exc.code() not in RESUMABLE:
+                raise
+            raise StreamInterrupted(f"{exc.code().name}: {exc.details()}") from None
+
+    def cancel(self) -> None:
+        """Ends the call (the store does after an early exit, so it does not go on streaming)."""
+        cancel = getattr(self._call, "cancel", None)
+        if cancel is not None:
+            cancel()
 
 
 def _document_chunks(ref: pb.AdapterRef, dtype: int) -> Iterator[pb.DocumentChunk]:
@@ -126,9 +165,9 @@ class CoordinatorClient:
     def fetch_source(self, context: grpc.ServicerContext) -> ChunkSource:
         """FetchAdapter from an offset, as the adapter store asks for it."""
 
-        def fetch(adapter_id: str, offset: int):
+        def fetch(adapter_id: str, offset: int) -> _FetchStream:
             request = pb.FetchAdapterRequest(adapter_id=adapter_id, dtype=self.dtype, offset=offset)
-            return self._stub.FetchAdapter(request, timeout=self._timeout(context))
+            return _FetchStream(self._stub.FetchAdapter(request, timeout=self._timeout(context)))
 
         return fetch
 
