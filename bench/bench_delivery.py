@@ -158,7 +158,7 @@ def _coordinator_counters(metrics_port: str) -> dict[str, float]:
         for s in family.samples:
             if s.name == "loracast_adapter_bytes_streamed_total" and s.labels.get("component") == "coordinator":
                 counters["bytes_streamed"] += s.value
-            elif s.name == "loracast_adapter_generation_seconds_count":
+            elif s.name == "loracast_adapter_make_seconds_count":
                 counters["generations"] += s.value
     return counters
 

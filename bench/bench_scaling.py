@@ -20,11 +20,11 @@ cached ONNX export (`OnnxDecoder`) for inference.
      hits all alike); a fixed chat prompt, `new_tokens` greedy tokens, median over rounds;
    - Text-to-LoRA generation: a randomly initialised `TextToLoRA` with the shipped checkpoint's architecture
      (encoder embedding dim, latent and trunk sizes) for that rank and module set; the hypernetwork forward plus
-     what `TextToLoRAGenerator.generate` does after it, on a random task embedding (the description encoder's
+     what `TextToLoRAMaker.make_adapter` does after it, on a random task embedding (the description encoder's
      time does not depend on the adapter: bench_t2l_generate.py has it).
 2. Document-length sweep, one held-out document per length (`common.the_document`, built by
    `hypernet.eval_d2l.speed_documents`) and one of its questions:
-   - Doc-to-LoRA internalization with the shipped checkpoint (`DocToLoRAGenerator.generate`): seconds, chunks,
+   - Doc-to-LoRA internalization with the shipped checkpoint (`DocToLoRAMaker.make_adapter`): seconds, chunks,
      the adapter's rank (capped by the checkpoint's max rank) and wire bytes;
    - answering on ONNX Runtime: time to the first token and decode tokens/s with the document in the prompt (plain
      base model) vs the question alone with the adapter hot-swapped (the default export takes D2L's down_proj up
@@ -63,7 +63,7 @@ from transformers import PreTrainedModel
 
 from hypernet import checkpoint
 from hypernet.d2l import chunk_ids
-from hypernet.generate import DocToLoRAGenerator
+from hypernet.makers import DocToLoRAMaker
 from hypernet.sni_data import user_turn
 from hypernet.t2l import T2LConfig, TextToLoRA
 from loracast import adapter_wire, base_model
@@ -179,7 +179,7 @@ def _wire(adapter: Adapter, spec: LoraSpec, fingerprint: str, repeats: int) -> d
 
 
 def _t2l_ms(shipped: dict, shapes: dict[str, tuple[int, int]], spec: LoraSpec, repeats: int) -> tuple[float, int]:
-    """Median ms of one T2L pass (+ generate's unbatching) for this spec, and the hypernetwork's parameter count."""
+    """Median ms of one T2L pass (+ make_adapter's unbatching) for this spec, and the hypernetwork's parameter count."""
     cfg = T2LConfig.from_dict({**shipped, "shapes": {m: shapes[m] for m in spec.target_modules}, "r": spec.r})
     torch.manual_seed(0)
     hyper = TextToLoRA(cfg).eval()
@@ -188,7 +188,7 @@ def _t2l_ms(shipped: dict, shapes: dict[str, tuple[int, int]], spec: LoraSpec, r
     @torch.no_grad()
     def once() -> None:
         adapter = hyper(embedding)
-        {k: (a[0], b[0]) for k, (a, b) in adapter.items()}  # as TextToLoRAGenerator.generate returns it
+        {k: (a[0], b[0]) for k, (a, b) in adapter.items()}  # as TextToLoRAMaker.make_adapter returns it
 
     once()  # warm-up: first-call allocations are not what a request waits for
     times = [_clock(once)[0] for _ in range(repeats)]
@@ -302,7 +302,7 @@ def _answering(
 
 def document_point(
     args: argparse.Namespace,
-    generator: DocToLoRAGenerator,
+    maker: DocToLoRAMaker,
     decoder: OnnxDecoder,
     tokenizer: ChatTokenizer,
     kv_bytes_per_token: int,
@@ -311,15 +311,15 @@ def document_point(
     """Every document-sweep measurement of one document length."""
     text, (question,) = the_document(tokens, 1)
     row: dict[str, Any] = {"doc_tokens_target": tokens, "doc_tokens": len(tokenizer.encode(text))}
-    row["chunks"] = len(chunk_ids(generator.base.tokenizer, text, generator.hyper.cfg.chunk_tokens))
-    runs = _repeat(lambda: _clock(generator.generate, text), args.repeats, args.point_budget_s)
+    row["chunks"] = len(chunk_ids(maker.base.tokenizer, text, maker.hyper.cfg.chunk_tokens))
+    runs = _repeat(lambda: _clock(maker.make_adapter, text), args.repeats, args.point_budget_s)
     adapter = {k: (as_float32(a), as_float32(b)) for k, (a, b) in runs[-1][1].items()}
-    spec = generator.spec_for(adapter)
+    spec = maker.spec_for(adapter)
     row["internalize_s"] = _med([s for s, _ in runs], digits=3)
     row["internalize_runs"] = len(runs)
     row["rank"] = spec.r
     row["target_modules"] = list(spec.target_modules)
-    row["wire_bytes"] = len(adapter_wire.encode(adapter, spec, generator.metadata(text)).payload)
+    row["wire_bytes"] = len(adapter_wire.encode(adapter, spec, maker.metadata(text)).payload)
 
     # Merged: what applying it costs where the graph cannot take it as inputs (another export, a larger rank).
     before_mb = rss_mb()
@@ -348,12 +348,12 @@ def document_sweep(
     tokenizer: ChatTokenizer,
     kv_bytes_per_token: int,
 ) -> list[dict[str, Any]]:
-    generator = DocToLoRAGenerator(checkpoint.DEFAULT_D2L, base)
-    generator.generate(the_document(256, 1)[0])  # warm-up: first-call allocations are not what a request waits for
+    maker = DocToLoRAMaker(checkpoint.DEFAULT_D2L, base)
+    maker.make_adapter(the_document(256, 1)[0])  # warm-up: first-call allocations are not what a request waits for
     rows = []
     for tokens in (bar := tqdm(_ints(args.doc_tokens), desc="document sweep")):
         bar.set_postfix_str(f"{tokens} tokens")
-        rows.append(document_point(args, generator, decoder, tokenizer, kv_bytes_per_token, tokens))
+        rows.append(document_point(args, maker, decoder, tokenizer, kv_bytes_per_token, tokens))
     return rows
 
 

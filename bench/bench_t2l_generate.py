@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hypernet.generate import TextToLoRAGenerator
+from hypernet.makers import TextToLoRAMaker
 from hypernet.sni_data import default_data_dir, load_tasks
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -28,19 +28,19 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=default_data_dir())
     args = p.parse_args()
 
-    generator = TextToLoRAGenerator()
+    maker = TextToLoRAMaker()
     descriptions = [t.definition for t in load_tasks(args.data, "dev")]
-    generator.generate(descriptions[0])  # warm-up: first-call allocations are not what users wait for
+    maker.make_adapter(descriptions[0])  # warm-up: first-call allocations are not what users wait for
     total, encode, hyper = [], [], []
     with torch.no_grad():
         for i in range(args.repeats):
             text = descriptions[i % len(descriptions)]
             t0 = time.perf_counter()
-            emb = generator.encoder([text])
+            emb = maker.encoder([text])
             t1 = time.perf_counter()
-            generator.hyper(emb)
+            maker.hyper(emb)
             t2 = time.perf_counter()
-            generator.generate(text)
+            maker.make_adapter(text)
             t3 = time.perf_counter()
             encode.append(t1 - t0)
             hyper.append(t2 - t1)
@@ -56,7 +56,7 @@ def main() -> None:
         "generate": ms(total),
         "encoder": ms(encode),
         "hypernet": ms(hyper),
-        "adapter_params": sum(a.numel() + b.numel() for a, b in generator.generate(descriptions[0]).values()),
+        "adapter_params": sum(a.numel() + b.numel() for a, b in maker.make_adapter(descriptions[0]).values()),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "t2l_generate.json").write_text(json.dumps(result, indent=2))

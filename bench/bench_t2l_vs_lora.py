@@ -9,8 +9,8 @@ most 32 characters. The dev split never receives a gradient, so no dev task can 
 are split in order: the first half trains the ordinary LoRA, the second half (at most `--eval-instances`) scores
 both adapters, greedily under the prompt contract, as `loracast eval t2l` does.
 
-T2L: the shipped checkpoint's generator, loaded once (its load time is reported as context only), warmed up once;
-then the median of `--repeats` `generate(definition)` calls, and the adapter's score on the evaluation half.
+T2L: the shipped checkpoint's adapter maker, loaded once (its load time is reported as context only), warmed up once;
+then the median of `--repeats` `make_adapter(definition)` calls, and the adapter's score on the evaluation half.
 
 Ordinary LoRA: the checkpoint's LoraSpec (modules, rank, alpha, rsLoRA), PEFT's init (A Kaiming, B zero), Adam at
 `--lr`, batches of `--batch-size` drawn from the training half, loss on the answer tokens only (T2L's training
@@ -51,7 +51,7 @@ from transformers import PreTrainedTokenizerBase
 from hypernet import checkpoint
 from hypernet.answering import answer
 from hypernet.eval_t2l import score
-from hypernet.generate import TextToLoRAGenerator
+from hypernet.makers import TextToLoRAMaker
 from hypernet.sni_data import (
     DataError,
     Instance,
@@ -202,9 +202,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = base_model.load()
     base_load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    generator = TextToLoRAGenerator(checkpoint.DEFAULT_T2L, base)
+    maker = TextToLoRAMaker(checkpoint.DEFAULT_T2L, base)
     t2l_load_s = time.perf_counter() - t0
-    spec = generator.spec
+    spec = maker.spec
     wrappers = inject(base.model, spec)
     splits = [
         split_task(t, args.eval_instances) for t in pick_tasks(load_tasks(args.data, "train"), args.tasks, args.seed)
@@ -212,14 +212,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     conservative = dev_target(base.fingerprint)
     checks = {args.max_steps} | {2**i for i in range(args.max_steps.bit_length())}
 
-    generator.generate("Answer the question.")  # warm-up: first-call allocations are not what users wait for
+    maker.make_adapter("Answer the question.")  # warm-up: first-call allocations are not what users wait for
     per_task = []
     for split in tqdm(splits, desc="tasks"):
         task = split.task
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            adapter = generator.generate(task.definition)
+            adapter = maker.make_adapter(task.definition)
             times.append(time.perf_counter() - t0)
         t2l_s = statistics.median(times)
         t2l = {"generate_ms_median": round(1000 * t2l_s, 2)} | mean_scores(
@@ -372,7 +372,7 @@ def table(result: dict[str, Any]) -> str:
             f"{bound}{result['t2l_vs_lora_training_conservative']:.0f}x."
         )
     out.append(
-        f"Loading, not counted: base model {result['base_load_s']:.1f} s, T2L generator {result['t2l_load_s']:.1f} s. "
+        f"Loading, not counted: base model {result['base_load_s']:.1f} s, T2L maker {result['t2l_load_s']:.1f} s. "
         "'>': not reached within --max-steps, a lower bound."
     )
     return "\n".join(out)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hypernet import checkpoint, d2l_data
-from hypernet.generate import DocToLoRAGenerator
+from hypernet.makers import DocToLoRAMaker
 from loracast import base_model
 from loracast.paths import write_json
 
@@ -38,8 +38,8 @@ def _cosine(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def run(documents: int, d2l_path: Path) -> dict:
     base = base_model.load()
-    generator = DocToLoRAGenerator(d2l_path, base)
-    cfg = generator.hyper.cfg
+    maker = DocToLoRAMaker(d2l_path, base)
+    cfg = maker.hyper.cfg
     if not cfg.bias_adapter:
         raise SystemExit("this checkpoint has no bias adapter: every delta is the document's")
 
@@ -50,7 +50,7 @@ def run(documents: int, d2l_path: Path) -> dict:
     docs = [d for d in pool if tokens(d.text) <= cfg.chunk_tokens][:documents]
     parts = []
     for doc in docs:
-        adapter = generator.generate(doc.text)
+        adapter = maker.make_adapter(doc.text)
         own, bias = [], []
         for key in sorted(adapter):
             a, b = (torch.as_tensor(x) for x in adapter[key])

@@ -277,7 +277,7 @@ def warmup_curve(trace: Trace, points: int = 60) -> tuple[list[int], list[float]
 COUNTERS = {
     "loracast_store_requests_total": "result",
     "loracast_store_claim_waits_total": None,
-    "loracast_adapter_generation_seconds_count": None,
+    "loracast_adapter_make_seconds_count": None,
     "loracast_adapter_bytes_streamed_total": None,
 }
 
@@ -420,7 +420,7 @@ def loopback(w: Workload, costs: Costs, coordinators: int, threads: int) -> dict
         "refused_and_retried": refusals,
         "lookups_per_s": round(lookups / wall, 1),
         "coordinator_lookups": lookups,
-        "passes": int(delta["loracast_adapter_generation_seconds_count"]),
+        "passes": int(delta["loracast_adapter_make_seconds_count"]),
         "store_hits": int(hits),
         "store_misses": int(misses),
         "store_hit_ratio": round(hits / (hits + misses), 4),

@@ -70,6 +70,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="hypernetwork passes in flight (a wait for another coordinator's is one); more get RESOURCE_EXHAUSTED",
     )
     s.add_argument("--max-document-mb", type=float, default=1.0, help="the largest document InternalizeDocument takes")
-    add_budget_flag(s, "the Doc-to-LoRA generator's own; for a document whose request names none, more for a long one")
+    add_budget_flag(s, "the Doc-to-LoRA maker's own; for a document whose request names none, more for a long one")
     add_security_flags(s)
     s.set_defaults(func=cmd_serve)

@@ -9,7 +9,7 @@ written to a temporary sibling, fsynced and renamed into place: a crash leaves t
 half a file. Recency (for eviction and listing) is the adapter file's mtime in nanoseconds, strictly increasing
 from use to use, so it survives a restart and serves as the use stamp of `recent`. Source texts are never stored: a
 source key is a SHA-256. Files of the first format (b"LCA1", whose ids covered the float32 payload only) are
-removed at startup; a source key that pointed at one finds nothing and is dropped, and its text is generated again,
+removed at startup; a source key that pointed at one finds nothing and is dropped, and its adapter is made again,
 under the new id, when it is next asked for.
 """
 

@@ -19,8 +19,8 @@ BYTES_SENT = BYTES_STREAMED.labels(component=COMPONENT)
 TRANSFER = TRANSFER_SECONDS.labels(component=COMPONENT)
 
 # For "d2l" this is the internalization's time: the one pass and the self-distillation of its budget.
-GENERATION_SECONDS = Histogram(
-    "loracast_adapter_generation_seconds",
+MAKE_SECONDS = Histogram(
+    "loracast_adapter_make_seconds",
     "Time to make one adapter: a Text-to-LoRA pass, or a whole Doc-to-LoRA internalization (cache hits not counted)",
     ["kind"],  # "t2l" or "d2l"
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
@@ -40,7 +40,9 @@ PROBE_LOSS = Histogram(
     "The last step's probe loss of one finished internalization (internalizations without a step are not counted)",
     buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
 )
-IN_FLIGHT = Gauge("loracast_generations_in_flight", "Hypernetwork passes running now")
+MAKES_IN_FLIGHT = Gauge(
+    "loracast_adapter_makes_in_flight", "Adapters being made now: Text-to-LoRA passes and Doc-to-LoRA internalizations"
+)
 CACHED_ADAPTERS = Gauge("loracast_coordinator_cached_adapters", "Adapters in the coordinator's cache")
 CACHED_BYTES = Gauge("loracast_coordinator_cache_bytes", "Bytes on disk of the adapters in the coordinator's cache")
 
@@ -55,7 +57,7 @@ for _result in ("hit", "miss"):
     STORE_REQUESTS.labels(result=_result)
 STORE_CLAIM_WAITS = Counter(
     "loracast_store_claim_waits",
-    "Generations that waited for another coordinator's pass of the same text instead of running their own",
+    "Calls that waited for another coordinator's pass of the same text instead of running their own",
 )
 STORE_ERRORS = Counter(
     "loracast_store_errors", "Adapter store operations that failed (the store unreachable or failing)", ["backend"]

@@ -3,15 +3,15 @@ FetchAdapter streams them (protos/loracast/v1/loracast.proto documents every RPC
 
 - A text (description, or document and budget) is looked up by its source key in the adapter store first
   (coordinator/adapter_store.py: a local directory, or Redis shared by a cluster of coordinators): the same text
-  through the same checkpoint never costs a second generation, across restarts, and concurrent asks for one text
+  through the same checkpoint never costs a second pass, across restarts, and concurrent asks for one text
   share one job; across coordinators, a claim in the store lets one of them make it while the others wait.
 - A document's job (one pass, then self-distillation for its budget) runs in a thread of its own and streams its
   progress to every call that follows it; when the last of them goes away, the job is cancelled at its next step
   and leaves nothing behind.
-- At most `max_concurrent_passes` generations run at once (a wait for another coordinator's pass of the same text
-  counts as one), and one document at a time (the Doc-to-LoRA generator runs
-  its jobs one after another); one more is refused at once with RESOURCE_EXHAUSTED and a `retry-after-ms`
-  trailer, so callers back off instead of queueing unseen.
+- At most `max_concurrent_passes` adapters are made at once (a wait for another coordinator's pass of the same text
+  counts as one), and one document at a time (the Doc-to-LoRA maker runs its jobs one after another); one more
+  is refused at once with RESOURCE_EXHAUSTED and a `retry-after-ms` trailer, so callers back off instead of
+  queueing unseen.
 - A call whose deadline leaves less than its budget plus the usual overrun of that kind (for a description: a
   typical pass) is refused with DEADLINE_EXCEEDED before it takes a slot.
 - Documents, and the probes and teacher answers made from them, exist only in memory during their job: never
@@ -42,7 +42,7 @@ from coordinator import metrics
 from coordinator.adapter_store import Abandoned, AdapterStore, NotCached, StoreUnavailable, source_key, source_of
 from coordinator.local_store import LocalStore
 from hypernet import checkpoint
-from hypernet.generate import MAX_BUDGET_S, DocToLoRAGenerator, InputError, TextToLoRAGenerator, check_description
+from hypernet.makers import MAX_BUDGET_S, DocToLoRAMaker, InputError, TextToLoRAMaker, check_description
 from hypernet.self_distill import Cancelled, DistillConfig, Progress
 from loracast import adapter_wire, base_model
 from loracast.adapter_format import Adapter
@@ -57,7 +57,7 @@ from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
-MIN_RETRY_MS = 100  # what a refused caller is told to wait before any generation has been timed
+MIN_RETRY_MS = 100  # what a refused caller is told to wait before any pass has been timed
 OUTCOMES = ("done", "cancelled", "failed")  # of an internalization, as its metric counts them
 _NAMES = {"t2l": "Text-to-LoRA", "d2l": "Doc-to-LoRA"}
 DEFAULT_PAGE_SIZE = 100  # ListAdapters
@@ -85,30 +85,30 @@ class CoordinatorConfig:
     # refused with RESOURCE_EXHAUSTED
     max_concurrent_passes: int = 2
     max_document_bytes: int = 2**20
-    # The budget of a document whose request names none, in seconds (the generator gives a long document more, in
-    # proportion to its length); None: the Doc-to-LoRA generator's own default.
+    # The budget of a document whose request names none, in seconds (the maker gives a long document more, in
+    # proportion to its length); None: the Doc-to-LoRA maker's own default.
     budget_seconds: float | None = None
     # The store's bound in bytes (Redis: one bound for the cluster: give every coordinator the same); None: unbounded
     cache_capacity_bytes: int | None = 4 * 2**30
     security: ServerSecurity = field(default_factory=ServerSecurity)
 
 
-class Generator(Protocol):
-    """What the servicer needs of a hypernetwork: TextToLoRAGenerator, DocToLoRAGenerator."""
+class Maker(Protocol):
+    """What the servicer needs of a hypernetwork: TextToLoRAMaker, DocToLoRAMaker."""
 
     path: Path  # its checkpoint
     fingerprint: str  # of the base model its adapters are for
     spec: LoraSpec  # what Describe reports (for Doc-to-LoRA: the rank per document chunk)
 
-    def generate(self, text: str) -> Adapter: ...
+    def make_adapter(self, text: str) -> Adapter: ...
 
     def spec_for(self, adapter: Adapter) -> LoraSpec: ...  # one adapter's own (Doc-to-LoRA: its rank grows)
 
     def metadata(self, text: str) -> dict[str, str]: ...
 
 
-class DocumentGenerator(Generator, Protocol):
-    """What Doc-to-LoRA adds: an internalization with a budget, progress and cancellation (DocToLoRAGenerator)."""
+class DocumentMaker(Maker, Protocol):
+    """What Doc-to-LoRA adds: an internalization with a budget, progress and cancellation (DocToLoRAMaker)."""
 
     distill: DistillConfig  # its budget_s: the default budget (per so many document tokens)
 
@@ -128,23 +128,23 @@ class DocumentGenerator(Generator, Protocol):
 class Hypernet:
     """A loaded hypernetwork as the servicer serves it."""
 
-    kind: str  # "t2l" or "d2l": the `kind` of Describe and of the generation-time metric
-    generator: Generator
+    kind: str  # "t2l" or "d2l": the `kind` of Describe and of the adapter-making time metric
+    maker: Maker
     version: str
     checkpoint_sha256: str  # part of every source key: a retrained checkpoint keeps its version string
 
     @classmethod
-    def of(cls, kind: str, generator: Generator) -> Hypernet:
+    def of(cls, kind: str, maker: Maker) -> Hypernet:
         digest = hashlib.sha256()
-        with open(generator.path, "rb") as f:
+        with open(maker.path, "rb") as f:
             for block in iter(lambda: f.read(2**20), b""):
                 digest.update(block)
-        # The version the generator stamps on its adapters; the text is irrelevant to it.
-        version = generator.metadata("")[adapter_wire.META_HYPERNET_VERSION]
-        return cls(kind, generator, version, digest.hexdigest())
+        # The version the maker stamps on its adapters; the text is irrelevant to it.
+        version = maker.metadata("")[adapter_wire.META_HYPERNET_VERSION]
+        return cls(kind, maker, version, digest.hexdigest())
 
     def describe(self) -> pb.Hypernetwork:
-        spec = self.generator.spec
+        spec = self.maker.spec
         return pb.Hypernetwork(
             kind=self.kind,
             hypernet_version=self.version,
@@ -161,7 +161,7 @@ class _Made:
 
 
 class _Job:
-    """One generation, shared by every call that asks for its source while it runs.
+    """The making of one adapter, shared by every call that asks for its source while it runs.
 
     Each call follows it until the call ends: it sees the job's progress from the first event, then its adapter id
     or its error. A job no call follows any more is cancelled as soon as it asks (`cancelled`, polled by an
@@ -169,7 +169,7 @@ class _Job:
     """
 
     def __init__(self, budget_s: float | None) -> None:
-        self.budget_s = budget_s  # None: a one-pass generation (Text-to-LoRA), not an internalization
+        self.budget_s = budget_s  # None: one pass (Text-to-LoRA), not an internalization
         self._changed = threading.Condition()
         self._events: list[pb.InternalizeEvent] = []
         self._followers = 0
@@ -315,10 +315,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._idle = threading.Condition(self._lock)  # notified whenever a job ends
         self._pending: dict[str, _Job] = {}  # source key -> its running job, the one a new call may join
         self._running = 0  # jobs not ended yet, those a cancelled job's successor replaced in _pending included
-        # kind -> recent seconds a generation took beyond its budget (moving average): a pass, for a description
+        # kind -> recent seconds making an adapter took beyond its budget (moving average): a pass, for a description
         self._overrun: dict[str, float] = {}
         for kind in self.hypernets:
-            metrics.GENERATION_SECONDS.labels(kind=kind)  # the series exists (at 0) before the first generation
+            metrics.MAKE_SECONDS.labels(kind=kind)  # the series exists (at 0) before the first adapter is made
         if "d2l" in self.hypernets:
             for outcome in OUTCOMES:
                 metrics.INTERNALIZATIONS.labels(outcome=outcome)
@@ -334,6 +334,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def GenerateFromDescription(
         self, request: pb.GenerateFromDescriptionRequest, context: grpc.ServicerContext
     ) -> pb.GenerateResponse:
+        """Makes (or finds) the adapter of a description; the RPC's name is kept for wire compatibility."""
         try:
             text = check_description(request.description)
             net, dtype = self._hypernet("t2l"), adapter_wire.wire_dtype(request.dtype)
@@ -347,7 +348,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             text, dtype, budget = self._read_document(request_iterator)
             net = self._hypernet("d2l")
-            budget = cast(DocumentGenerator, net.generator).budget_for(budget, text)
+            budget = cast(DocumentMaker, net.maker).budget_for(budget, text)
             response = yield from self._adapter_for(net, text, budget, dtype, context)
             yield pb.InternalizeEvent(result=response)
         except Exception as exc:
@@ -399,7 +400,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except Exception as exc:
             _abort(context, exc)
 
-    # -- generation -------------------------------------------------------------------------------------------
+    # -- making adapters ----------------------------------------------------------------------------------------
 
     def _hypernet(self, kind: str) -> Hypernet:
         net = self.hypernets.get(kind)
@@ -450,7 +451,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 job = self._pending[key] = _Job(budget)
                 self._running += 1
                 job.join(context)
-        if joined:  # the same text is being generated for another call: share its job
+        if joined:  # the same text's adapter is being made for another call: share its job
             metrics.CACHE_HITS.inc()
         elif budget is None:  # a pass takes milliseconds: this call's thread runs it
             self._run(job, net, key, text, dtype)
@@ -487,13 +488,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 metrics.CACHE_HITS.inc()
                 return _Made(claim.found.manifest.adapter_id, None)
             metrics.CACHE_MISSES.inc()
-            with metrics.IN_FLIGHT.track_inprogress():
+            with metrics.MAKES_IN_FLIGHT.track_inprogress():
                 start = self._clock()
-                adapter = net.generator.generate(text) if job.budget_s is None else self._internalize(job, net, text)
+                adapter = net.maker.make_adapter(text) if job.budget_s is None else self._internalize(job, net, text)
                 seconds = self._clock() - start
-            spec, metadata = net.generator.spec_for(adapter), net.generator.metadata(text)
+            spec, metadata = net.maker.spec_for(adapter), net.maker.metadata(text)
             wire = self.store.put(key, adapter, spec, metadata, dtype)
-        metrics.GENERATION_SECONDS.labels(kind=net.kind).observe(seconds)
+        metrics.MAKE_SECONDS.labels(kind=net.kind).observe(seconds)
         overrun = max(0.0, seconds - (job.budget_s or 0.0))
         with self._lock:
             previous = self._overrun.get(net.kind)
@@ -501,9 +502,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return _Made(wire.manifest.adapter_id, seconds)
 
     def _internalize(self, job: _Job, net: Hypernet, text: str) -> Adapter:
-        generator = cast(DocumentGenerator, net.generator)
+        maker = cast(DocumentMaker, net.maker)
         try:
-            adapter = generator.internalize(text, job.budget_s, on_progress=job.report, cancelled=job.cancelled)
+            adapter = maker.internalize(text, job.budget_s, on_progress=job.report, cancelled=job.cancelled)
         except Cancelled:
             metrics.INTERNALIZATIONS.labels(outcome="cancelled").inc()
             raise
@@ -519,20 +520,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return adapter
 
     def _admit(self, net: Hypernet, budget: float | None, context: grpc.ServicerContext) -> None:
-        """Under the lock: take a generation slot, or refuse (deadline too short, a document already being
+        """Under the lock: take a pass slot, or refuse (deadline too short, a document already being
         internalized, all slots busy)."""
         overrun = self._overrun.get(net.kind, 0.0)
         expected = (budget or 0.0) + overrun
         remaining = context.time_remaining()
         if remaining <= 0 or remaining < expected:
-            what = f"a {_NAMES[net.kind]} generation" if budget is None else f"a {budget:g}-second internalization"
+            what = f"a {_NAMES[net.kind]} pass" if budget is None else f"a {budget:g}-second internalization"
             raise RequestError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the deadline leaves {remaining:.2f} s and {what} takes about {expected:.2f} s here: allow more "
                 f"time{'' if budget is None else ' or a smaller budget'}",
             )
         if budget is not None:
-            # A job nobody waits for any more only holds the generator until its next step: the new one waits.
+            # A job nobody waits for any more only holds the maker until its next step: the new one waits.
             running = next((job for job in self._pending.values() if job.budget_s is not None and job.wanted()), None)
             if running is not None:
                 raise RequestError(
@@ -585,7 +586,7 @@ def _wants_d2l(config: CoordinatorConfig) -> bool:
 
 
 def load_hypernets(
-    config: CoordinatorConfig, t2l: Generator | None = None, d2l: DocumentGenerator | None = None
+    config: CoordinatorConfig, t2l: Maker | None = None, d2l: DocumentMaker | None = None
 ) -> tuple[list[Hypernet], str]:
     """The hypernetworks of `config`, checked against its base model, and that base's fingerprint: Text-to-LoRA
     (`t2l` when given, else its checkpoint) and Doc-to-LoRA (`d2l` when given, else its checkpoint when `config`
@@ -595,7 +596,7 @@ def load_hypernets(
     load_d2l = d2l is None and _wants_d2l(config)
     base = base_model.load(config.base) if t2l is None or load_d2l else None
     if t2l is None:
-        t2l = TextToLoRAGenerator(config.t2l_checkpoint, base)
+        t2l = TextToLoRAMaker(config.t2l_checkpoint, base)
     nets = [Hypernet.of("t2l", t2l)]
     if load_d2l and Path(config.d2l_checkpoint) == checkpoint.DEFAULT_D2L:
         # The shipped checkpoint serves the default base only; with another base, documents are simply not
@@ -605,7 +606,7 @@ def load_hypernets(
             log.warning("the shipped Doc-to-LoRA checkpoint is for another base: documents are not served")
             load_d2l = False
     if load_d2l:
-        d2l = DocToLoRAGenerator(config.d2l_checkpoint, base)
+        d2l = DocToLoRAMaker(config.d2l_checkpoint, base)
     if d2l is not None:
         if config.budget_seconds is not None:
             d2l.distill = replace(d2l.distill, budget_s=config.budget_seconds)
@@ -615,9 +616,9 @@ def load_hypernets(
 
 def start(
     config: CoordinatorConfig,
-    t2l: Generator | None = None,
+    t2l: Maker | None = None,
     *,
-    d2l: DocumentGenerator | None = None,
+    d2l: DocumentMaker | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> RunningCoordinator:
     """Load the hypernetworks (`t2l` and `d2l` replace the checkpoints), open the cache, serve; returns once the
@@ -637,7 +638,7 @@ def start(
     metrics.CACHED_ADAPTERS.set_function(lambda: store.stats()[0])
     metrics.CACHED_BYTES.set_function(lambda: store.stats()[1])
     servicer = CoordinatorServicer(config, store, nets, fingerprint, clock)
-    # Threads beyond the generation slots answer fetches, lists and refusals while generations run.
+    # Threads beyond the pass slots answer fetches, lists and refusals while adapters are made.
     server = create_server(metrics.COMPONENT, config.security, max_workers=config.max_concurrent_passes + 8)
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     try:

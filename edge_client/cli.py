@@ -129,7 +129,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ask", help="ask a worker; the answer streams to stdout as it is decoded")
     p.add_argument("--worker", required=True, metavar="HOST:PORT", help="the worker's gRPC address")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--task", metavar="TEXT", help="a task description: its adapter is generated or cached")
+    source.add_argument("--task", metavar="TEXT", help="a task description: its adapter is made or cached")
     source.add_argument("--doc", metavar="FILE", help="a UTF-8 document: its facts become an adapter (not stored)")
     source.add_argument(
         "--adapter",

@@ -28,8 +28,8 @@ from loracast.v1 import loracast_pb2 as pb
 from loracast.v1 import loracast_pb2_grpc as pb_grpc
 
 MODES = {"hot-swap": pb.HOT_SWAP, "merged": pb.MERGED}
-DEFAULT_TIMEOUT = 300.0  # an adapter generated on a CPU coordinator, transferred and applied, then decoded
-LIST_TIMEOUT = 30.0  # ListAdapters reads the worker's index: no generation, no transfer
+DEFAULT_TIMEOUT = 300.0  # an adapter made on a CPU coordinator, transferred and applied, then decoded
+LIST_TIMEOUT = 30.0  # ListAdapters reads the worker's index: no adapter made, no transfer
 
 
 class EdgeError(UserError):
@@ -45,7 +45,7 @@ class EdgeError(UserError):
 
 @dataclass(frozen=True)
 class Timings:
-    adapter_fetch_seconds: float  # coordinator generation + transfer; 0 when the adapter was resident
+    adapter_fetch_seconds: float  # making it on the coordinator + transfer; 0 when the adapter was resident
     apply_seconds: float
     first_token_seconds: float  # from the request's arrival at the worker to the first token
     total_seconds: float

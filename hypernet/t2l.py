@@ -5,7 +5,7 @@
     A, B   = split(head_m(h_lm))                           one head per module type
 
 All layers of one module type come out of one batched pass. B's head starts at zero, so a fresh
-hypernetwork generates adapters that leave the base model unchanged. Head outputs are multiplied by
+hypernetwork makes adapters that leave the base model unchanged. Head outputs are multiplied by
 1/hidden_dim: one Adam step moves every head weight by ~lr, and without the factor the hidden_dim
 of them would add up to a step in A and B hundreds of times an ordinary LoRA step (training diverged).
 """
@@ -25,7 +25,7 @@ Adapter = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ShapesConfig:
-    """What every hypernetwork config shares: the adapter it generates, and a JSON-safe round trip."""
+    """What every hypernetwork config shares: the adapter it makes, and a JSON-safe round trip."""
 
     num_layers: int
     shapes: dict[str, tuple[int, int]]  # module -> (in_features, out_features)

@@ -4,7 +4,7 @@ the base model with the document in its prompt.
 For every (document, question) the teacher is the frozen base model prompted (chat template) with the
 document and the question in the user turn. It answers greedily (self-generated answers, as the anchor
 does), and its top-k log-probs at each answer position are computed once and cached on disk, so training
-runs only the student: the base model plus the adapter D2L generates from the document, prompted with the
+runs only the student: the base model plus the adapter D2L makes from the document, prompted with the
 question alone, teacher-forced on the teacher's answer. The loss, averaged over answer tokens t, is
 
     KL_t = sum_{i in topk_t} p_t(i) * (log p_t(i) - log q_t(i))

@@ -116,7 +116,7 @@ def load(path: Path, expected_fingerprint: str | None = None) -> tuple[dict, Lor
     if expected_fingerprint is not None and found != expected_fingerprint:
         raise AdapterError(
             f"{path} was made for base model {str(found)[:12]}…, not the loaded base {expected_fingerprint[:12]}…: "
-            "generate it again for this base"
+            "make it again for this base"
         )
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, tensor in raw.items():

@@ -94,7 +94,7 @@ def content_id(manifest: pb.AdapterManifest) -> str:
         "hypernet_version": manifest.hypernet_version,
         "r": manifest.rank,
         # The manifest's float32, whatever float it was set from: Doc-to-LoRA's alpha, scaled with its rank
-        # (hypernet.generate.with_rank), is rarely a float32 exactly, and the receiver only sees the float32.
+        # (hypernet.makers.with_rank), is rarely a float32 exactly, and the receiver only sees the float32.
         "alpha": float(np.float32(manifest.alpha)),
         "use_rslora": manifest.use_rslora,
         "target_modules": list(manifest.target_modules),

@@ -2,7 +2,7 @@
 
 `LoRALinear` wraps a frozen `nn.Linear` and adds `scale * B(A(x))`. Unlike PEFT, A and B are not
 parameters of the layer but tensors set per forward pass, optionally with a batch dimension, so a
-hypernetwork can generate a different adapter for every example of a batch and train through it.
+hypernetwork can make a different adapter for every example of a batch and train through it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A document's internalization on the command line: the `--budget-seconds` flag and the progress bar on stderr.
 
-Shared by `loracast ask` (progress from the worker's stream), `loracast generate` (from the generator itself) and
+Shared by `loracast ask` (progress from the worker's stream), `loracast generate` (from the adapter maker itself) and
 `loracast coordinator serve` (the flag only). Imports nothing heavy at module level: every `loracast` command builds
 its parsers, and an edge device runs `ask` without PyTorch.
 """
@@ -27,7 +27,7 @@ def _seconds(value: str) -> float:
 
 
 def add_budget_flag(parser: argparse.ArgumentParser, default_help: str) -> None:
-    """`--budget-seconds S` (None when not given): the upper bound is the generator's, checked where it is known."""
+    """`--budget-seconds S` (None when not given): the upper bound is the adapter maker's, checked where it is known."""
     parser.add_argument(
         "--budget-seconds",
         type=_seconds,

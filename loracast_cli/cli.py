@@ -47,7 +47,7 @@ def _data_dir(value: str | None) -> Path:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from hypernet.checkpoint import DEFAULT_D2L, DEFAULT_T2L
-    from hypernet.generate import DocToLoRAGenerator, TextToLoRAGenerator, check_description, read_document
+    from hypernet.makers import DocToLoRAMaker, TextToLoRAMaker, check_description, read_document
     from loracast import adapter_format
     from loracast.progress import InternalizationBar
 
@@ -57,22 +57,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from loracast import base_model
 
         text = read_document(Path(args.document), args.max_document_bytes)
-        generator = DocToLoRAGenerator(Path(args.checkpoint or DEFAULT_D2L), base_model.load(args.base))
+        maker = DocToLoRAMaker(Path(args.checkpoint or DEFAULT_D2L), base_model.load(args.base))
         with InternalizationBar() as bar:
-            adapter = generator.internalize(
+            adapter = maker.internalize(
                 text,
                 args.budget_seconds,
                 on_progress=lambda p: bar.update(p.phase, p.step, p.probe_loss, p.elapsed_s, p.estimate_s),
             )
-        spec = generator.spec_for(adapter)
-        out = adapter_format.save(Path(args.out), adapter, spec, args.base, generator.metadata(text))
+        spec = maker.spec_for(adapter)
+        out = adapter_format.save(Path(args.out), adapter, spec, args.base, maker.metadata(text))
     else:
         if args.budget_seconds is not None:
             raise UserError("--budget-seconds is for --document: a description's adapter is one pass")
         text = check_description(args.description)
-        generator = TextToLoRAGenerator(Path(args.checkpoint or DEFAULT_T2L))
-        out = generator.save(text, Path(args.out), args.base)
-    print(f"wrote {out} ({time.perf_counter() - t0:.1f} s, base {generator.fingerprint[:12]}…)")
+        maker = TextToLoRAMaker(Path(args.checkpoint or DEFAULT_T2L))
+        out = maker.save(text, Path(args.out), args.base)
+    print(f"wrote {out} ({time.perf_counter() - t0:.1f} s, base {maker.fingerprint[:12]}…)")
 
 
 def cmd_answer(args: argparse.Namespace) -> None:
@@ -256,7 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                                     "adapter": adapted.adapter_id[:16],
                                     "adapter was resident": adapted.resident,
                                     "timings_ms": {
-                                        "adapter fetch (generate + stream)": round(1000 * t.adapter_fetch_seconds, 1),
+                                        "adapter fetch (make + stream)": round(1000 * t.adapter_fetch_seconds, 1),
                                         "apply": round(1000 * t.apply_seconds, 1),
                                         "first token": round(1000 * t.first_token_seconds, 1),
                                         "total": round(1000 * t.total_seconds, 1),
@@ -301,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
         help="base model recorded in adapter_config.json (with --document also loaded: it encodes the document)",
     )
     g.add_argument("--max-document-bytes", type=int, default=2**20, help="larger documents are refused")
-    add_budget_flag(g, "the Doc-to-LoRA generator's own")
+    add_budget_flag(g, "the Doc-to-LoRA maker's own")
     g.set_defaults(func=cmd_generate, uses_transformers=True)
 
     a = sub.add_parser("answer", help="answer prompts with an adapter (greedy, chat template)")

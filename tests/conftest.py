@@ -16,7 +16,7 @@ import torch
 from support import D2L_DOCS, ScriptedCoordinator, d2l_train_args, loopback_worker, random_wire
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hypernet.generate import TextToLoRAGenerator
+from hypernet.makers import TextToLoRAMaker
 from loracast import adapter_wire, base_model
 from loracast.grpc_security import ClientSecurity, open_channel
 from loracast.grpc_server import wait_until_serving
@@ -183,8 +183,8 @@ def connect():
 
 # A coordinator in this process (the coordinator, adapter store, cluster, fuzz and security tests).
 @pytest.fixture(scope="module")
-def generator(tiny_t2l: Path) -> TextToLoRAGenerator:
-    return TextToLoRAGenerator(tiny_t2l)
+def maker(tiny_t2l: Path) -> TextToLoRAMaker:
+    return TextToLoRAMaker(tiny_t2l)
 
 
 # A scripted coordinator and random adapters for the tiny Llama (the worker and security tests).

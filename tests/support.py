@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM
 
 from coordinator.server import CoordinatorConfig, RunningCoordinator
 from coordinator.server import start as start_coordinator
-from hypernet.generate import DocToLoRAGenerator, TextToLoRAGenerator
+from hypernet.makers import DocToLoRAMaker, TextToLoRAMaker
 from loracast import adapter_format, adapter_wire
 from loracast.adapter_format import Adapter
 from loracast.grpc_errors import RETRY_AFTER_MS
@@ -258,18 +258,19 @@ class RedisServer:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Coordinators in this process: a recording generator, a served coordinator and its calls
+# Coordinators in this process: a recording adapter maker, a served coordinator and its calls
 # ---------------------------------------------------------------------------------------------------------
 
 TIMEOUT = 60.0  # seconds for one call on a busy 2-core machine
 
 
 class Recorder:
-    """The real generator, recording each pass; `gate` holds a pass until the test sets it, `after` runs after one."""
+    """The real Text-to-LoRA maker, recording each pass; `gate` holds a pass until the test sets it, `after` runs
+    after one."""
 
     def __init__(
         self,
-        inner: TextToLoRAGenerator,
+        inner: TextToLoRAMaker,
         gate: threading.Event | None = None,
         after: Callable[[], None] | None = None,
     ) -> None:
@@ -278,12 +279,12 @@ class Recorder:
         self.calls: list[str] = []
         self.started = threading.Event()
 
-    def generate(self, text: str) -> Adapter:
+    def make_adapter(self, text: str) -> Adapter:
         self.calls.append(text)
         self.started.set()
         if self.gate is not None:
             assert self.gate.wait(TIMEOUT)
-        adapter = self.inner.generate(text)
+        adapter = self.inner.make_adapter(text)
         if self.after is not None:
             self.after()
         return adapter
@@ -301,7 +302,7 @@ def serving(
     hypernet: Recorder,
     client: ClientSecurity | None = None,
     clock: Callable[[], float] = time.perf_counter,
-    d2l: DocToLoRAGenerator | None = None,
+    d2l: DocToLoRAMaker | None = None,
     **overrides,
 ) -> Iterator[tuple[RunningCoordinator, pb_grpc.CoordinatorStub]]:
     """A coordinator on 127.0.0.1:<free port>, SERVING, and a stub on a channel with `client` security.
@@ -460,9 +461,9 @@ class ScriptedCoordinator(pb_grpc.CoordinatorServicer):
             self.gate.wait(TIMEOUT)
         if request.description == "busy":
             context.set_trailing_metadata(((RETRY_AFTER_MS, "1234"),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many generations in flight")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many adapters being made")
         if request.description == "no time":
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "a generation takes longer: allow more time")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "making this adapter takes longer: allow more time")
         if request.description.startswith("x" * 100):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the description is over the size limit")
         return self._answer(request.description.strip().encode(), context)

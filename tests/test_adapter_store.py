@@ -196,10 +196,10 @@ def _store_health(port: int) -> int:
 
 
 def test_coordinators_sharing_redis_make_each_text_once_and_page_for_each_other(
-    tmp_path: Path, generator, redis_server: RedisServer
+    tmp_path: Path, maker, redis_server: RedisServer
 ) -> None:
     tasks = [f"Task {i}: answer with the word {word}." for i, word in enumerate(["red", "green", "blue"])]
-    one, two = Recorder(generator), Recorder(generator)
+    one, two = Recorder(maker), Recorder(maker)
     with (
         serving(tmp_path / "a", one, store=redis_server.url) as (first, a),
         serving(tmp_path / "b", two, store=redis_server.url) as (second, b),
@@ -230,13 +230,13 @@ def _store_health_becomes(port: int, status: int) -> None:
 
 
 def test_a_coordinator_whose_redis_is_down_still_makes_adapters_and_says_so(
-    tmp_path: Path, generator, redis_server: RedisServer
+    tmp_path: Path, maker, redis_server: RedisServer
 ) -> None:
-    recorder = Recorder(generator)
+    recorder = Recorder(maker)
     with serving(tmp_path / "unused", recorder, store=redis_server.url) as (running, stub):
         describe(stub, "Task one: answer with the word red.")
         redis_server.stop(signal.SIGKILL)
-        made = describe(stub, "Task two: answer with the word green.")  # generation goes on without the store
+        made = describe(stub, "Task two: answer with the word green.")  # adapters are still made without the store
         _store_health_becomes(running.port, health_pb2.HealthCheckResponse.NOT_SERVING)
         assert REGISTRY.get_sample_value("loracast_store_up") == 0
         manifest, payload = fetch(stub, made.manifest.adapter_id)  # held by this coordinator meanwhile

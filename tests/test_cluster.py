@@ -120,7 +120,7 @@ def _counter(name: str) -> float:
 
 
 def test_three_coordinators_make_each_text_once_through_a_kill_and_a_redis_restart(
-    tiny_base_dir: Path, tiny_t2l: Path, generator, model_dir: Path, tmp_path: Path, record_property
+    tiny_base_dir: Path, tiny_t2l: Path, maker, model_dir: Path, tmp_path: Path, record_property
 ) -> None:
     redis_server = RedisServer(tmp_path / "redis")
     env = {**os.environ, "LORACAST_CACHE": str(tmp_path / "loracast-cache")}
@@ -134,7 +134,7 @@ def test_three_coordinators_make_each_text_once_through_a_kill_and_a_redis_resta
     )
     argv += ["--max-concurrent-passes", str(PASSES_IN_FLIGHT)]
     doomed_process = ServerProcess.loracast("coordinator-0", argv, tmp_path, env)
-    recorders = [Recorder(generator) for _ in range(COORDINATORS - 1)]
+    recorders = [Recorder(maker) for _ in range(COORDINATORS - 1)]
     coordinators, workers, pool = [], [], None
     try:
         for i, recorder in enumerate(recorders, 1):

@@ -2,7 +2,7 @@
 
 Servers run in this process (the hypernetwork loaded once and shared) except in the CLI tests, which run
 `loracast coordinator serve` as operators do. Readiness is the health service's SERVING, never a sleep; a blocked
-generation is an Event the test releases.
+pass is an Event the test releases.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from coordinator.adapter_store import NotCached, source_key
 from coordinator.local_store import LocalStore
 from coordinator.server import MIN_RETRY_MS, CoordinatorConfig, start
 from hypernet import checkpoint
-from hypernet.generate import MAX_DESCRIPTION_CHARS, DocToLoRAGenerator, TextToLoRAGenerator
+from hypernet.makers import MAX_DESCRIPTION_CHARS, DocToLoRAMaker, TextToLoRAMaker
 from hypernet.self_distill import PHASES, Cancelled, DistillConfig, Progress
 from loracast import adapter_wire
 from loracast.adapter_format import META_FINGERPRINT, Adapter, as_float32
@@ -53,8 +53,8 @@ READY = re.compile(r"loracast coordinator ready: grpc=(?P<grpc>\S+:\d+) metrics=
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class Internalizer(DocToLoRAGenerator):
-    """The real Doc-to-LoRA generator on the tiny Llama, recording the budget of each internalization and how it
+class Internalizer(DocToLoRAMaker):
+    """The real Doc-to-LoRA maker on the tiny Llama, recording the budget of each internalization and how it
     ended. With `hold` set to a phase, a job waits after reporting that phase until `gate` is set or the job is
     cancelled (its next step then raises Cancelled): the test's moment to cancel, to let a deadline pass or to send
     another call."""
@@ -127,17 +127,17 @@ def files_containing(root: Path, needle: bytes) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
-def test_generate_then_fetch_is_the_generators_adapter(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
-    recorder = Recorder(generator)
+def test_a_description_made_then_fetched_is_the_makers_adapter(tmp_path: Path, maker: TextToLoRAMaker) -> None:
+    recorder = Recorder(maker)
     with serving(tmp_path / "cache", recorder) as (_, stub):
         reply = describe(stub, TASK)
         assert not reply.cached and reply.generation_seconds > 0
         manifest, payload = fetch(stub, reply.manifest.adapter_id)
         assert manifest == reply.manifest
         adapter, spec, metadata = adapter_wire.decode(manifest, payload)
-        expected = generator.generate(TASK)
-        assert set(adapter) == set(expected) and spec == generator.spec
-        assert metadata == generator.metadata(TASK)
+        expected = maker.make_adapter(TASK)
+        assert set(adapter) == set(expected) and spec == maker.spec
+        assert metadata == maker.metadata(TASK)
         for key, (a, b) in expected.items():  # float32 is bit-exact
             assert np.array_equal(adapter[key][0], as_float32(a)) and np.array_equal(adapter[key][1], as_float32(b))
 
@@ -153,7 +153,7 @@ def test_generate_then_fetch_is_the_generators_adapter(tmp_path: Path, generator
             np.testing.assert_allclose(adapter16[key][1], as_float32(b), rtol=1e-3, atol=1e-7)
 
         about = stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT)
-        assert about.base_fingerprint == generator.fingerprint and about.base_name == "smollm2"
+        assert about.base_fingerprint == maker.fingerprint and about.base_name == "smollm2"
         (t2l,) = about.hypernetworks
         assert (t2l.kind, t2l.rank, tuple(t2l.target_modules)) == ("t2l", spec.r, spec.target_modules)
         assert t2l.hypernet_version == manifest.hypernet_version != ""
@@ -164,8 +164,8 @@ def test_generate_then_fetch_is_the_generators_adapter(tmp_path: Path, generator
     assert recorder.calls == [TASK]
 
 
-def test_a_description_is_generated_once_even_across_restarts(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
-    cache_dir, recorder = tmp_path / "cache", Recorder(generator)
+def test_a_descriptions_adapter_is_made_once_even_across_restarts(tmp_path: Path, maker: TextToLoRAMaker) -> None:
+    cache_dir, recorder = tmp_path / "cache", Recorder(maker)
     with serving(cache_dir, recorder) as (_, stub):
         first = describe(stub, TASK)
         again = describe(stub, f"  {TASK}\n")  # the same task, as typed differently
@@ -180,7 +180,7 @@ def test_a_description_is_generated_once_even_across_restarts(tmp_path: Path, ge
         assert ids == [first.manifest.adapter_id, other.manifest.adapter_id]
     assert recorder.calls == [TASK, OTHER_TASK]
 
-    restarted = Recorder(generator)
+    restarted = Recorder(maker)
     with serving(cache_dir, restarted) as (_, stub):
         reply = describe(stub, TASK)
         assert reply.cached and reply.manifest == first.manifest
@@ -191,10 +191,10 @@ def test_a_description_is_generated_once_even_across_restarts(tmp_path: Path, ge
 
 
 def test_list_adapters_pages_in_recency_order_with_tokens_that_outlive_a_restart(
-    tmp_path: Path, generator: TextToLoRAGenerator
+    tmp_path: Path, maker: TextToLoRAMaker
 ) -> None:
     tasks = [f"Task {i}: answer with the word {word}." for i, word in enumerate(["red", "green", "blue", "gold"])]
-    with serving(tmp_path / "cache", Recorder(generator)) as (_, stub):
+    with serving(tmp_path / "cache", Recorder(maker)) as (_, stub):
         a, b, c, d = (describe(stub, task).manifest.adapter_id for task in tasks)
         assert listed(stub) == ([d, c, b, a], "")  # the default page holds them all: no next page
         first, token = listed(stub, page_size=2)
@@ -208,7 +208,7 @@ def test_list_adapters_pages_in_recency_order_with_tokens_that_outlive_a_restart
             error = refused(lambda bad=bad: listed(stub, page_token=bad), grpc.StatusCode.INVALID_ARGUMENT)
             assert "page_token" in error.details()
         after_first = listed(stub, page_size=1)[1]
-    with serving(tmp_path / "cache", Recorder(generator)) as (_, stub):
+    with serving(tmp_path / "cache", Recorder(maker)) as (_, stub):
         # A token names no coordinator run: the restarted one (or another sharing the store) continues the listing.
         page, token = listed(stub, page_size=2, page_token=after_first)
         assert page == [d, c] and token
@@ -217,10 +217,10 @@ def test_list_adapters_pages_in_recency_order_with_tokens_that_outlive_a_restart
         assert listed(stub, page_size=3, page_token=token) == ([a], "")
 
 
-def test_fetch_resumes_from_an_offset(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
-    with serving(tmp_path / "cache", Recorder(generator)) as (running, stub):
+def test_fetch_resumes_from_an_offset(tmp_path: Path, maker: TextToLoRAMaker) -> None:
+    with serving(tmp_path / "cache", Recorder(maker)) as (running, stub):
         metadata = {
-            META_FINGERPRINT: generator.fingerprint,
+            META_FINGERPRINT: maker.fingerprint,
             adapter_wire.META_HYPERNET_VERSION: "t2l-test",
             "loracast.description_sha256": "0" * 64,
         }
@@ -293,10 +293,8 @@ def test_cache_evicts_least_recently_used_and_drops_damaged_files(tmp_path: Path
     cache.close()
 
 
-def test_malformed_requests_are_invalid_and_unknown_ids_not_found(
-    tmp_path: Path, generator: TextToLoRAGenerator
-) -> None:
-    recorder = Recorder(generator)
+def test_malformed_requests_are_invalid_and_unknown_ids_not_found(tmp_path: Path, maker: TextToLoRAMaker) -> None:
+    recorder = Recorder(maker)
     with serving(tmp_path / "cache", recorder) as (_, stub):
         for description in ("", "  \n\t ", "x" * (MAX_DESCRIPTION_CHARS + 1)):
             refused(lambda d=description: describe(stub, d), grpc.StatusCode.INVALID_ARGUMENT)
@@ -322,18 +320,18 @@ def test_malformed_requests_are_invalid_and_unknown_ids_not_found(
     assert recorder.calls == [TASK]
 
 
-def test_too_many_generations_are_refused_with_retry_after(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+def test_too_many_passes_are_refused_with_retry_after(tmp_path: Path, maker: TextToLoRAMaker) -> None:
     gate = threading.Event()
-    recorder = Recorder(generator, gate=gate)
+    recorder = Recorder(maker, gate=gate)
     with serving(tmp_path / "cache", recorder, max_concurrent_passes=1) as (_, stub):
         request = pb.GenerateFromDescriptionRequest(description=TASK, dtype=pb.FLOAT32)
         first = stub.GenerateFromDescription.future(request, timeout=TIMEOUT)
         assert recorder.started.wait(TIMEOUT)
-        assert REGISTRY.get_sample_value("loracast_generations_in_flight") == 1
+        assert REGISTRY.get_sample_value("loracast_adapter_makes_in_flight") == 1
 
         error = refused(lambda: describe(stub, OTHER_TASK), grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert int(dict(error.trailing_metadata())[RETRY_AFTER_MS]) >= MIN_RETRY_MS
-        # The same description joins the running generation instead of being refused; it counts as a cache hit
+        # The same description joins the running pass instead of being refused; it counts as a cache hit
         # as soon as it waits. No deadline on this call: the wait must cope with an unbounded one.
         hits = {"component": "coordinator", "result": "hit"}
         hits_before = REGISTRY.get_sample_value("loracast_adapter_cache_requests_total", hits)
@@ -344,36 +342,34 @@ def test_too_many_generations_are_refused_with_retry_after(tmp_path: Path, gener
         assert not made.cached and shared.cached and shared.manifest == made.manifest
 
         assert not describe(stub, OTHER_TASK).cached  # the slot is free again
-        assert REGISTRY.get_sample_value("loracast_generations_in_flight") == 0
+        assert REGISTRY.get_sample_value("loracast_adapter_makes_in_flight") == 0
     assert recorder.calls == [TASK, OTHER_TASK]
 
 
-def test_a_deadline_shorter_than_a_generation_is_refused_up_front(
-    tmp_path: Path, generator: TextToLoRAGenerator
-) -> None:
+def test_a_deadline_shorter_than_a_pass_is_refused_up_front(tmp_path: Path, maker: TextToLoRAMaker) -> None:
     now = [1000.0]
 
     def thirty_seconds_pass() -> None:
         now[0] += 30.0
 
-    recorder = Recorder(generator, after=thirty_seconds_pass)
+    recorder = Recorder(maker, after=thirty_seconds_pass)
     with serving(tmp_path / "cache", recorder, clock=lambda: now[0]) as (_, stub):
         assert describe(stub, TASK).generation_seconds == 30.0
         error = refused(lambda: describe(stub, OTHER_TASK, timeout=10.0), grpc.StatusCode.DEADLINE_EXCEEDED)
         assert "allow more time" in error.details()  # the server's refusal, not the client's own timer
-        assert describe(stub, TASK, timeout=10.0).cached  # a cached adapter needs no generation time
+        assert describe(stub, TASK, timeout=10.0).cached  # a cached adapter needs no time to be made
     assert recorder.calls == [TASK]
 
 
 def test_documents_are_checked_and_never_kept(
-    tmp_path: Path, generator: TextToLoRAGenerator, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, maker: TextToLoRAMaker, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     marker = "MARKER-5f2e: the vault code is 4711"
     document = f"Übersicht. {marker}. Straße.".encode()
     cache_dir = tmp_path / "cache"
     unshipped = tmp_path / "d2l.safetensors"  # the default Doc-to-LoRA checkpoint, not there: no D2L, no error
     monkeypatch.setattr(checkpoint, "DEFAULT_D2L", unshipped)
-    with serving(cache_dir, Recorder(generator), max_document_bytes=1000, d2l_checkpoint=unshipped) as (_, stub):
+    with serving(cache_dir, Recorder(maker), max_document_bytes=1000, d2l_checkpoint=unshipped) as (_, stub):
         about = stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT)
         assert [net.kind for net in about.hypernetworks] == ["t2l"]
         invalid = grpc.StatusCode.INVALID_ARGUMENT
@@ -397,7 +393,7 @@ def _count(name: str, **labels: str) -> float:
 
 def test_a_document_streams_its_progress_then_its_adapter_made_once_per_budget_and_never_kept(
     tmp_path: Path,
-    generator: TextToLoRAGenerator,
+    maker: TextToLoRAMaker,
     tiny_d2l: Path,
     tiny_base,
     capfd: pytest.CaptureFixture,
@@ -407,26 +403,26 @@ def test_a_document_streams_its_progress_then_its_adapter_made_once_per_budget_a
     marker = "MARKER-7c3a"
     document = " ".join(f"Fact {i}: the lighthouse of Orvel{i} is {i * 9} metres tall." for i in range(5))
     document += f" The vault code is {marker}."
-    d2l = Internalizer(tiny_d2l, tiny_base, budget_s=5.0)  # the generator's default, replaced by the config's
+    d2l = Internalizer(tiny_d2l, tiny_base, budget_s=5.0)  # the maker's default, replaced by the config's
     before = {
-        "generations": _count("loracast_adapter_generation_seconds_count", kind="d2l"),
+        "made": _count("loracast_adapter_make_seconds_count", kind="d2l"),
         "done": _count("loracast_internalizations_total", outcome="done"),
         "steps": _count("loracast_internalization_steps_count"),
         "losses": _count("loracast_internalization_probe_loss_count"),
     }
-    with serving(tmp_path / "cache", Recorder(generator), d2l=d2l, budget_seconds=2.0) as (_, stub):
+    with serving(tmp_path / "cache", Recorder(maker), d2l=d2l, budget_seconds=2.0) as (_, stub):
         about = {net.kind: net for net in stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT).hypernetworks}
         assert set(about) == {"t2l", "d2l"}
         assert (about["d2l"].hypernet_version, about["d2l"].rank) == ("d2l-1", d2l.spec.r)
         assert tuple(about["d2l"].target_modules) == ("down_proj",)
 
-        # Budget 0: the hypernetwork's one pass alone, bit-exact with the generator's.
+        # Budget 0: the hypernetwork's one pass alone, bit-exact with the maker's.
         progress, one_pass = internalize(stub, document.encode(), budget=0.0)
         assert phases(progress) == ["start", "done"]
         assert not one_pass.cached and one_pass.generation_seconds > 0
         manifest, payload = fetch(stub, one_pass.manifest.adapter_id)
         adapter, spec, metadata = adapter_wire.decode(manifest, payload)
-        expected = d2l.generate(document)
+        expected = d2l.make_adapter(document)
         want = d2l.spec_for(expected)
         assert spec.r == want.r > d2l.spec.r  # several chunks: the rank grows with the document
         assert (spec.target_modules, spec.use_rslora) == (want.target_modules, want.use_rslora)
@@ -462,7 +458,7 @@ def test_a_document_streams_its_progress_then_its_adapter_made_once_per_budget_a
             (distilled.manifest.adapter_id, "document"),
         }
     assert d2l.budgets == [0.0, 2.0]
-    assert _count("loracast_adapter_generation_seconds_count", kind="d2l") == before["generations"] + 2
+    assert _count("loracast_adapter_make_seconds_count", kind="d2l") == before["made"] + 2
     assert _count("loracast_internalizations_total", outcome="done") == before["done"] + 2
     assert _count("loracast_internalization_steps_count") == before["steps"] + 2
     assert _count("loracast_internalization_probe_loss_count") == before["losses"] + 1  # the one pass has none
@@ -476,11 +472,11 @@ def _finished_calls() -> float:
 
 
 def test_callers_of_one_document_and_budget_share_one_job_and_its_progress(
-    tmp_path: Path, generator: TextToLoRAGenerator, tiny_d2l: Path, tiny_base
+    tmp_path: Path, maker: TextToLoRAMaker, tiny_d2l: Path, tiny_base
 ) -> None:
     d2l = Internalizer(tiny_d2l, tiny_base, budget_s=1.0, hold="probes")
     document = b"The magic number of Zarvik is 48213."
-    with serving(tmp_path / "cache", Recorder(generator), d2l=d2l) as (_, stub):
+    with serving(tmp_path / "cache", Recorder(maker), d2l=d2l) as (_, stub):
         first = stub.InternalizeDocument(iter(document_chunks(document)), timeout=TIMEOUT)
         assert d2l.held.wait(TIMEOUT)
         hits = _count("loracast_adapter_cache_requests_total", component="coordinator", result="hit")
@@ -504,11 +500,11 @@ def test_callers_of_one_document_and_budget_share_one_job_and_its_progress(
 
 
 def test_the_job_is_cancelled_when_its_last_caller_goes_away_and_leaves_nothing(
-    tmp_path: Path, generator: TextToLoRAGenerator, tiny_d2l: Path, tiny_base
+    tmp_path: Path, maker: TextToLoRAMaker, tiny_d2l: Path, tiny_base
 ) -> None:
     d2l = Internalizer(tiny_d2l, tiny_base, budget_s=1.0, hold="probes")
     document = b"The magic number of Zarvik is 48213."
-    with serving(tmp_path / "cache", Recorder(generator), d2l=d2l) as (_, stub):
+    with serving(tmp_path / "cache", Recorder(maker), d2l=d2l) as (_, stub):
         # Two callers, one leaves: the job goes on for the other.
         leaving = stub.InternalizeDocument(iter(document_chunks(document)), timeout=TIMEOUT)
         assert d2l.held.wait(TIMEOUT)
@@ -541,11 +537,11 @@ def test_the_job_is_cancelled_when_its_last_caller_goes_away_and_leaves_nothing(
 
 
 def test_stopping_the_coordinator_cancels_its_jobs_and_waits_for_them(
-    tmp_path: Path, generator: TextToLoRAGenerator, tiny_d2l: Path, tiny_base
+    tmp_path: Path, maker: TextToLoRAMaker, tiny_d2l: Path, tiny_base
 ) -> None:
     d2l = Internalizer(tiny_d2l, tiny_base, budget_s=1.0, hold="probes")
     config = CoordinatorConfig(cache_dir=tmp_path / "cache", listen="127.0.0.1:0", metrics_port=None)
-    running = start(config, Recorder(generator), d2l=d2l)
+    running = start(config, Recorder(maker), d2l=d2l)
     with open_channel(f"127.0.0.1:{running.port}") as channel:  # open beyond the stop: the server ends the call
         wait_until_serving(channel, timeout=TIMEOUT)
         call = pb_grpc.CoordinatorStub(channel).InternalizeDocument(iter(document_chunks(b"A doc.")), timeout=TIMEOUT)
@@ -556,11 +552,11 @@ def test_stopping_the_coordinator_cancels_its_jobs_and_waits_for_them(
 
 
 def test_a_deadline_cancels_the_job_and_caches_nothing(
-    tmp_path: Path, generator: TextToLoRAGenerator, tiny_d2l: Path, tiny_base
+    tmp_path: Path, maker: TextToLoRAMaker, tiny_d2l: Path, tiny_base
 ) -> None:
     d2l = Internalizer(tiny_d2l, tiny_base, budget_s=1.0, hold="probes")
     document = b"The magic number of Zarvik is 48213."
-    with serving(tmp_path / "cache", Recorder(generator), d2l=d2l) as (running, stub):
+    with serving(tmp_path / "cache", Recorder(maker), d2l=d2l) as (running, stub):
         # A deadline shorter than the budget: refused up front, no job.
         error = refused(lambda: internalize(stub, document, timeout=0.5), grpc.StatusCode.DEADLINE_EXCEEDED)
         assert "allow more time or a smaller budget" in error.details()
@@ -575,10 +571,10 @@ def test_a_deadline_cancels_the_job_and_caches_nothing(
         assert running.store.stats() == (0, 0)
 
 
-def test_bearer_tokens(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+def test_bearer_tokens(tmp_path: Path, maker: TextToLoRAMaker) -> None:
     security = ServerSecurity(tokens=frozenset({"s3cret", "other-client"}))
     # serving() waits on health over a channel without a token: health needs none.
-    with serving(tmp_path / "cache", Recorder(generator), security=security) as (running, no_token):
+    with serving(tmp_path / "cache", Recorder(maker), security=security) as (running, no_token):
         target = f"127.0.0.1:{running.port}"
         refused(lambda: no_token.Describe(pb.DescribeRequest(), timeout=TIMEOUT), grpc.StatusCode.UNAUTHENTICATED)
         with open_channel(target, ClientSecurity(token="wrong")) as channel:
@@ -604,17 +600,17 @@ def _describes(target: str, client: ClientSecurity | None) -> bool:
     return True
 
 
-def test_tls_and_mutual_tls(tmp_path: Path, generator: TextToLoRAGenerator) -> None:
+def test_tls_and_mutual_tls(tmp_path: Path, maker: TextToLoRAMaker) -> None:
     certs = certificates(tmp_path / "pki")
     tls = ServerSecurity(tls_cert=certs["server.pem"], tls_key=certs["server.key"])
     tls_client = ClientSecurity(tls_ca=certs["ca.pem"])
-    with serving(tmp_path / "cache-tls", Recorder(generator), tls_client, security=tls) as (running, stub):
+    with serving(tmp_path / "cache-tls", Recorder(maker), tls_client, security=tls) as (running, stub):
         assert stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT).hypernetworks
         assert not _describes(f"127.0.0.1:{running.port}", None)  # plaintext
 
     mutual = ServerSecurity(tls_cert=certs["server.pem"], tls_key=certs["server.key"], client_ca=certs["ca.pem"])
     with_cert = ClientSecurity(tls_ca=certs["ca.pem"], client_cert=certs["client.pem"], client_key=certs["client.key"])
-    with serving(tmp_path / "cache-mtls", Recorder(generator), with_cert, security=mutual) as (running, stub):
+    with serving(tmp_path / "cache-mtls", Recorder(maker), with_cert, security=mutual) as (running, stub):
         assert not describe(stub, TASK).cached
         target = f"127.0.0.1:{running.port}"
         assert not _describes(target, tls_client)  # TLS, but no client certificate
@@ -622,24 +618,24 @@ def test_tls_and_mutual_tls(tmp_path: Path, generator: TextToLoRAGenerator) -> N
 
 
 def test_start_refuses_configurations_that_cannot_work(
-    tmp_path: Path, generator: TextToLoRAGenerator, tiny_base_dir: Path
+    tmp_path: Path, maker: TextToLoRAMaker, tiny_base_dir: Path
 ) -> None:
     cache_dir = tmp_path / "cache"
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match="cannot listen"):
-            start(CoordinatorConfig(cache_dir=cache_dir, listen=f"127.0.0.1:{port}", metrics_port=None), generator)
+            start(CoordinatorConfig(cache_dir=cache_dir, listen=f"127.0.0.1:{port}", metrics_port=None), maker)
     with pytest.raises(ConfigError, match="HOST:PORT"):
-        start(CoordinatorConfig(cache_dir=cache_dir, listen="50051", metrics_port=None), generator)
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="50051", metrics_port=None), maker)
     with pytest.raises(ConfigError, match="at least 1"):
-        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", max_concurrent_passes=0), generator)
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", max_concurrent_passes=0), maker)
     with pytest.raises(ConfigError, match="default budget must be between 0 and 3600 seconds, not 5000"):
-        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", budget_seconds=5000.0), generator)
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", budget_seconds=5000.0), maker)
     missing = ServerSecurity(tls_cert=tmp_path / "missing.pem", tls_key=tmp_path / "missing.key")
     with pytest.raises(ConfigError, match="cannot read"):
-        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", security=missing), generator)
-    with serving(cache_dir, Recorder(generator)), pytest.raises(ConfigError, match="another coordinator"):
-        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", metrics_port=None), generator)
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", security=missing), maker)
+    with serving(cache_dir, Recorder(maker)), pytest.raises(ConfigError, match="another coordinator"):
+        start(CoordinatorConfig(cache_dir=cache_dir, listen="127.0.0.1:0", metrics_port=None), maker)
     # A Doc-to-LoRA checkpoint named explicitly must load (only the default may be absent: no D2L then).
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"not a checkpoint")
@@ -648,7 +644,7 @@ def test_start_refuses_configurations_that_cannot_work(
             cache_dir=cache_dir, listen="127.0.0.1:0", base=str(tiny_base_dir), d2l_checkpoint=d2l
         )
         with pytest.raises(checkpoint.CheckpointError, match=message):
-            start(config, generator)
+            start(config, maker)
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -688,12 +684,12 @@ def test_cli_serves_until_sigterm_with_metrics(tmp_path: Path, tiny_t2l: Path, t
         process.wait()
     coordinator = ("component", "coordinator")
     samples = _samples(text)
-    assert samples[("loracast_adapter_generation_seconds_count", frozenset({("kind", "t2l")}))] == 1
+    assert samples[("loracast_adapter_make_seconds_count", frozenset({("kind", "t2l")}))] == 1
     assert samples[("loracast_adapter_cache_requests_total", frozenset({coordinator, ("result", "miss")}))] == 1
     assert samples[("loracast_adapter_cache_requests_total", frozenset({coordinator, ("result", "hit")}))] == 0
     assert samples[("loracast_adapter_bytes_streamed_total", frozenset({coordinator}))] == len(payload)
     assert samples[("loracast_adapter_transfer_seconds_count", frozenset({coordinator}))] == 1
-    assert samples[("loracast_generations_in_flight", frozenset())] == 0
+    assert samples[("loracast_adapter_makes_in_flight", frozenset())] == 0
     assert samples[("loracast_coordinator_cached_adapters", frozenset())] == 1
     rpc = frozenset({coordinator, ("method", "GenerateFromDescription"), ("code", "OK")})
     assert samples[("loracast_rpc_total", rpc)] == 1
@@ -703,7 +699,7 @@ def test_cli_serves_until_sigterm_with_metrics(tmp_path: Path, tiny_t2l: Path, t
 def test_cli_budget_flag_is_the_default_budget_in_seconds(capsys: pytest.CaptureFixture) -> None:
     parser = cli.parser()
     assert parser.parse_args(["coordinator", "serve", "--budget-seconds", "0.5"]).budget_seconds == 0.5
-    assert parser.parse_args(["coordinator", "serve"]).budget_seconds is None  # the generator's own default
+    assert parser.parse_args(["coordinator", "serve"]).budget_seconds is None  # the maker's own default
     with pytest.raises(SystemExit):
         parser.parse_args(["coordinator", "serve", "--budget-seconds", "soon"])
     assert "expected a number of seconds, got 'soon'" in capsys.readouterr().err

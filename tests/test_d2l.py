@@ -1,5 +1,5 @@
 """Doc-to-LoRA on a tiny random Llama: shapes, chunk combination, streaming memory, the teacher cache,
-training (overfit, resume), the generator and its PEFT output, and `generate --document` on bad input."""
+training (overfit, resume), the maker and its PEFT output, and `generate --document` on bad input."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hypernet import checkpoint, d2l, train_d2l
 from hypernet.d2l import D2LConfig, DocToLoRA, chunk_ids, encode, internalize
-from hypernet.generate import DocToLoRAGenerator, TextToLoRAGenerator
+from hypernet.makers import DocToLoRAMaker, TextToLoRAMaker
 from hypernet.teacher import topk_kl
 from hypernet.train_d2l import TeacherCache, TrainArgs, train
 from loracast import adapter_format
@@ -344,14 +344,14 @@ LONG_DOC = " ".join(f"Fact {i}: the tower of Velm{i} is {i * 7} metres tall." fo
 
 
 @pytest.mark.parametrize("max_rank", [None, 6])  # the checkpoint's cap (64, above this rank), and a real cut
-def test_generator_round_trips_through_peft(tiny_d2l, tiny_base, tiny_base_dir, tmp_path, max_rank):
-    generator = DocToLoRAGenerator(tiny_d2l, tiny_base, max_rank)
+def test_the_maker_round_trips_through_peft(tiny_d2l, tiny_base, tiny_base_dir, tmp_path, max_rank):
+    maker = DocToLoRAMaker(tiny_d2l, tiny_base, max_rank)
     chunks = len(chunk_ids(tiny_base.tokenizer, LONG_DOC, D2L_CHUNK))
     assert chunks >= 3
-    adapter = generator.generate(LONG_DOC)
-    rank = generator.spec.r * (chunks + 1) if max_rank is None else max_rank
+    adapter = maker.make_adapter(LONG_DOC)
+    rank = maker.spec.r * (chunks + 1) if max_rank is None else max_rank
     assert adapter[(0, "down_proj")][0].shape[0] == rank
-    out = generator.save(LONG_DOC, tmp_path / "adapter", str(tiny_base_dir))
+    out = maker.save(LONG_DOC, tmp_path / "adapter", str(tiny_base_dir))
 
     stored, spec, meta = adapter_format.load(out, expected_fingerprint=tiny_base.fingerprint)
     assert spec.r == rank == json.loads((out / adapter_format.CONFIG_FILE).read_text())["r"]
@@ -360,7 +360,7 @@ def test_generator_round_trips_through_peft(tiny_d2l, tiny_base, tiny_base_dir, 
     assert b"Velm" not in b"".join(p.read_bytes() for p in out.iterdir())  # never the text itself
 
     ids = _ids()
-    wrappers = inject(tiny_base.model, generator.spec)
+    wrappers = inject(tiny_base.model, maker.spec)
     with torch.no_grad(), applied(wrappers, to_torch(stored)):
         ours = tiny_base.model(ids).logits
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_dir), out).eval()
@@ -371,19 +371,19 @@ def test_generator_round_trips_through_peft(tiny_d2l, tiny_base, tiny_base_dir, 
     assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter really acts
 
 
-def test_generator_fits_the_coordinators_protocol(tiny_d2l, tiny_base):
+def test_the_maker_fits_the_coordinators_protocol(tiny_d2l, tiny_base):
     from coordinator.server import Hypernet
 
-    net = Hypernet.of("d2l", DocToLoRAGenerator(tiny_d2l, tiny_base))
+    net = Hypernet.of("d2l", DocToLoRAMaker(tiny_d2l, tiny_base))
     assert net.version == "d2l-1" and net.kind == "d2l"
-    assert net.describe().rank == 4  # the per-chunk rank; each adapter's own rank: generator.spec_for(adapter)
+    assert net.describe().rank == 4  # the per-chunk rank; each adapter's own rank: maker.spec_for(adapter)
 
 
 def test_checkpoint_kinds_are_not_confused(tiny_d2l, tiny_t2l, tiny_base):
     with pytest.raises(checkpoint.CheckpointError, match="DocToLoRA checkpoint"):
-        TextToLoRAGenerator(tiny_d2l)
+        TextToLoRAMaker(tiny_d2l)
     with pytest.raises(checkpoint.CheckpointError, match="TextToLoRA checkpoint"):
-        DocToLoRAGenerator(tiny_t2l, tiny_base)
+        DocToLoRAMaker(tiny_t2l, tiny_base)
     cfg = D2LConfig(hidden_size=8, num_layers=4, shapes={"down_proj": (16, 8)}, encoder_layers=1)
     assert D2LConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 

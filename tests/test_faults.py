@@ -167,7 +167,7 @@ class Proxy:
 
 
 def seed_big_adapter(cache_dir: Path, base_dir: Path, fingerprint: str) -> adapter_wire.WireAdapter:
-    """Store a random rank-1024 adapter for the tiny Llama in a coordinator cache directory, as a generation
+    """Store a random rank-1024 adapter for the tiny Llama in a coordinator cache directory, as making one
     would; returns it as the coordinator serves it to workers (fp16)."""
     config = json.loads((base_dir / "config.json").read_text())
     hidden = config["hidden_size"]

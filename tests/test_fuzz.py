@@ -44,7 +44,7 @@ from support import FileAudit, Recorder, big_adapter, loopback_worker, until
 from coordinator.adapter_store import source_key
 from coordinator.server import CoordinatorConfig, RunningCoordinator
 from coordinator.server import start as start_coordinator
-from hypernet.generate import MAX_BUDGET_S, MAX_DESCRIPTION_CHARS, TextToLoRAGenerator
+from hypernet.makers import MAX_BUDGET_S, MAX_DESCRIPTION_CHARS, TextToLoRAMaker
 from loracast import adapter_format, adapter_wire
 from loracast.adapter_format import META_FINGERPRINT
 from loracast.adapter_wire import WireError
@@ -811,7 +811,7 @@ def test_messages_over_the_receive_limit_are_resource_exhausted_on_every_rpc(ser
 
 
 def test_expired_deadlines_are_deadline_exceeded_and_the_servers_keep_serving(servers: Servers, known: Known) -> None:
-    fresh = iter(range(10**6))  # a new text per call: a generation, not a cache hit
+    fresh = iter(range(10**6))  # a new text per call: a pass, not a cache hit
     coordinator, worker = servers.coordinator_stub, servers.worker_stub
     adapter_id = known.too_wide
     calls: dict[str, Callable[[float], Any]] = {
@@ -847,10 +847,10 @@ def test_expired_deadlines_are_deadline_exceeded_and_the_servers_keep_serving(se
             codes.add(code)
         assert codes <= {OK, DEADLINE}, (rpc, codes)  # a few milliseconds may be enough for a list, not more
         if "Generat" in rpc or "Internalize" in rpc or "Prefetch" in rpc:
-            assert DEADLINE in codes, (rpc, codes)  # a generation takes longer than a millisecond
+            assert DEADLINE in codes, (rpc, codes)  # making an adapter takes longer than a millisecond
 
-    # The abandoned work ends on its own: generation slots come back, and both servers answer as before.
-    until(lambda: REGISTRY.get_sample_value("loracast_generations_in_flight") == 0)
+    # The abandoned work ends on its own: pass slots come back, and both servers answer as before.
+    until(lambda: REGISTRY.get_sample_value("loracast_adapter_makes_in_flight") == 0)
     assert not coordinator.GenerateFromDescription(
         pb.GenerateFromDescriptionRequest(description="Count to ten."), timeout=TIMEOUT
     ).cached
@@ -859,7 +859,7 @@ def test_expired_deadlines_are_deadline_exceeded_and_the_servers_keep_serving(se
         try:
             list(worker.Generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=2), timeout=TIMEOUT))
         except grpc.RpcError as exc:
-            assert exc.code() == EXHAUSTED, exc.details()  # still finishing an abandoned generation
+            assert exc.code() == EXHAUSTED, exc.details()  # still finishing an abandoned pass
             return False
         return True
 
@@ -873,8 +873,8 @@ def test_the_coordinators_deadline_refusal_reaches_the_workers_client_as_deadlin
     tmp_path: Path,
 ) -> None:
     now = [1000.0]
-    # Every generation "takes" 30 s on the coordinator's clock: a 10 s deadline is refused before it starts.
-    recorder = Recorder(TextToLoRAGenerator(tiny_t2l), after=lambda: now.__setitem__(0, now[0] + 30.0))
+    # Every pass "takes" 30 s on the coordinator's clock: a 10 s deadline is refused before it starts.
+    recorder = Recorder(TextToLoRAMaker(tiny_t2l), after=lambda: now.__setitem__(0, now[0] + 30.0))
     config = CoordinatorConfig(
         cache_dir=tmp_path / "coordinator-cache", listen="127.0.0.1:0", metrics_port=None, d2l_checkpoint=None
     )

@@ -3,7 +3,7 @@ random Llama. Every request must end answered, or refused with RESOURCE_EXHAUSTE
 lost, none hung (every call has a deadline, and the whole run one more).
 
 The 128 requests name their adapter by task description, by document (Doc-to-LoRA) or by the id of an adapter
-the coordinator has cached but no worker holds yet. Two generation slots per worker and two on the coordinator
+the coordinator has cached but no worker holds yet. Two answer slots per worker and two pass slots on the coordinator
 make refusals certain; a client honours a refusal's hint and tries again, a bounded number of times, as the SDK's
 callers are told to. The workers' own per-RPC counters must account for exactly the calls the clients saw.
 
@@ -40,12 +40,12 @@ RUN_DEADLINE = 300.0  # the whole run: under a minute even on a starved machine
 NEW_TOKENS = 4
 PROMPT = "[1, 2, 3]"
 TASKS = ("Reverse the given list.", "Write the word in capitals.", "Classify the sentiment as positive or negative.")
-CACHED_TASK = "Sort the numbers in ascending order."  # generated before the load: its id is asked for by id
+CACHED_TASK = "Sort the numbers in ascending order."  # made before the load: its id is asked for by id
 DOCUMENTS = tuple(doc.text.encode() for doc in D2L_DOCS)
 
 
-def generate_adapter(coordinator: Server, description: str) -> str:
-    """Has the coordinator generate (and cache) the adapter of a description, no worker involved; its id."""
+def make_adapter(coordinator: Server, description: str) -> str:
+    """Has the coordinator make (and cache) the adapter of a description, no worker involved; its id."""
     with open_channel(coordinator.address) as channel:
         wait_until_serving(channel, STARTUP_S)
         request = pb.GenerateFromDescriptionRequest(description=description)
@@ -70,7 +70,7 @@ def load_system(
             command = dict(model_dir=model_dir, base_dir=tiny_base_dir, coordinator=coordinator.address)
             launched.append(launch_worker(root, f"worker-{i}", cache_dir=root / f"worker-{i}", **command))
         workers = [ready(process, "worker") for process in launched[1:]]
-        yield coordinator, workers, generate_adapter(coordinator, CACHED_TASK)
+        yield coordinator, workers, make_adapter(coordinator, CACHED_TASK)
     finally:
         for process in launched:
             process.kill()

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from hypernet import d2l_data
 from hypernet.answering import answer
-from hypernet.generate import DocToLoRAGenerator, TextToLoRAGenerator
+from hypernet.makers import DocToLoRAMaker, TextToLoRAMaker
 from hypernet.sni_data import chat_prompt, collate
 from hypernet.train_t2l import answer_loss
 from loracast import adapter_format, base_model
@@ -33,9 +33,9 @@ def _gold_answers(base: base_model.BaseModel, doc: d2l_data.Document) -> dict[st
 
 
 def test_shipped_t2l_adapter_loads_in_peft_and_changes_the_answer(real_base, tmp_path):
-    generator = TextToLoRAGenerator(base=real_base)  # refuses a checkpoint trained for another base
+    maker = TextToLoRAMaker(base=real_base)  # refuses a checkpoint trained for another base
     description = "Classify the sentiment of a product review as positive or negative."
-    out = generator.save(description, tmp_path / "sentiment")
+    out = maker.save(description, tmp_path / "sentiment")
     stored, spec, _ = adapter_format.load(out, expected_fingerprint=real_base.fingerprint)
     adapter = to_torch(stored)
 
@@ -60,8 +60,8 @@ def test_shipped_d2l_adapter_holds_facts_of_an_unseen_document(real_base, tmp_pa
     """A held-out generated profile (no entity name of it was ever trained on): its adapter, loaded through PEFT
     exactly as ours, makes the base model without the document likelier to give the document's answers."""
     doc = d2l_data.fictional_documents(1, seed=11, part="heldout")[0]
-    generator = DocToLoRAGenerator(base=real_base)
-    out = generator.save(doc.text, tmp_path / "profile")
+    maker = DocToLoRAMaker(base=real_base)
+    out = maker.save(doc.text, tmp_path / "profile")
     stored, spec, meta = adapter_format.load(out, expected_fingerprint=real_base.fingerprint)
     assert meta["loracast.document_sha256"] and doc.text not in (out / "adapter_config.json").read_text()
     adapter = to_torch(stored)
@@ -84,19 +84,19 @@ def test_self_distillation_makes_the_real_model_recall_a_document_it_never_saw(r
     """A held-out profile, internalized for 30 s: the questions of the evaluation (never shown to the probe writer)
     get their gold answers likelier than with the one pass alone, and some are answered outright."""
     doc = d2l_data.fictional_documents(1, seed=5, part="heldout")[0]
-    generator = DocToLoRAGenerator(base=real_base)
+    maker = DocToLoRAMaker(base=real_base)
     phases: list[str] = []
-    one_pass = generator.generate(doc.text)
-    distilled = generator.internalize(doc.text, budget_s=30, on_progress=lambda p: phases.append(p.phase))
+    one_pass = maker.make_adapter(doc.text)
+    distilled = maker.internalize(doc.text, budget_s=30, on_progress=lambda p: phases.append(p.phase))
     assert phases[0] == "start" and phases[-1] == "done" and "distill" in phases
 
     batch = _gold_answers(real_base, doc)
     with torch.no_grad():
-        with applied(generator.wrappers, one_pass):
+        with applied(maker.wrappers, one_pass):
             before = answer_loss(real_base.model, batch).item()
-        with applied(generator.wrappers, distilled):
+        with applied(maker.wrappers, distilled):
             after = answer_loss(real_base.model, batch).item()
-    replies = answer(real_base, generator.wrappers, distilled, [qa.question for qa in doc.qas], max_new_tokens=32)
+    replies = answer(real_base, maker.wrappers, distilled, [qa.question for qa in doc.qas], max_new_tokens=32)
     recalled = sum(qa.answer.lower() in r.lower() for qa, r in zip(doc.qas, replies, strict=True))
     print(f"gold-answer loss: one pass {before:.3f}, distilled {after:.3f}; recalled {recalled}/{len(doc.qas)}")
     assert after < before - 0.3

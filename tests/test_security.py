@@ -45,7 +45,7 @@ from support import FileAudit, Recorder, ScriptedCoordinator, certificates, inst
 
 from coordinator.server import CoordinatorConfig, RunningCoordinator
 from coordinator.server import start as start_coordinator
-from hypernet.generate import TextToLoRAGenerator
+from hypernet.makers import TextToLoRAMaker
 from loracast import adapter_wire
 from loracast.grpc_security import ClientSecurity, ServerSecurity, open_channel
 from loracast.grpc_server import wait_until_serving
@@ -84,7 +84,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 class Secured:
     coordinator: RunningCoordinator
     worker: RunningWorker
-    recorder: Recorder  # the coordinator's Text-to-LoRA: which descriptions it generated for
+    recorder: Recorder  # the coordinator's Text-to-LoRA: which descriptions it made adapters for
     pki: dict[str, Path]
 
     def target(self, server: str) -> str:
@@ -104,7 +104,7 @@ def secured(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Secured]:
     root = tmp_path_factory.mktemp("secured")
-    recorder = Recorder(TextToLoRAGenerator(tiny_t2l))
+    recorder = Recorder(TextToLoRAMaker(tiny_t2l))
     tls = {"tls_cert": pki["server.pem"], "tls_key": pki["server.key"]}
     coordinator_config = CoordinatorConfig(
         cache_dir=root / "coordinator-cache",
@@ -216,7 +216,7 @@ def test_every_rpc_refuses_plaintext_untrusted_and_unauthenticated_clients(secur
                     assert code == expected, (server, rpc, name, code, details)
                     refusals += 1
     print(f"\n{refusals} calls refused as they must be")
-    # Refused calls did no work: no generation, nothing cached, nothing fetched or installed.
+    # Refused calls did no work: no adapter made, nothing cached, nothing fetched or installed.
     assert secured.recorder.calls == []
     assert secured.coordinator.store.stats() == (0, 0) and secured.worker.servicer.store.resident() == []
 

@@ -258,7 +258,7 @@ def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
     def round_one_scraped(tokens: int) -> bool:
         counts = {
             "sum(loracast_generated_tokens_total)": tokens,
-            "sum(loracast_adapter_generation_seconds_count)": 1,
+            "sum(loracast_adapter_make_seconds_count)": 1,
             'sum(loracast_rpc_total{component="worker",code="INVALID_ARGUMENT"})': 1,
         }
         return all(_series_with_values(prometheus, expr) == [value] for expr, value in counts.items())
@@ -293,7 +293,7 @@ def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
     assert _value(prometheus, "sum(loracast_generated_tokens_total)") == first.tokens + again.tokens + other.tokens
     assert _value(prometheus, 'sum(loracast_rpc_total{component="worker",code="INVALID_ARGUMENT"})') == 2
     assert _value(prometheus, 'sum(loracast_adapter_cache_requests_total{component="worker",result="hit"})') >= 1
-    assert _value(prometheus, "sum(loracast_adapter_generation_seconds_count)") == 2
+    assert _value(prometheus, "sum(loracast_adapter_make_seconds_count)") == 2
 
     expressions = dashboard_expressions()
     empty = [(title, expr) for title, expr in expressions if not prometheus.query(expr)]
@@ -321,7 +321,7 @@ def test_system_asks_are_served_measured_and_every_dashboard_query_has_data(
         warnings.warn(
             f"no rate in Prometheus's history after two rounds; raw samples: {_raw_samples(prometheus)}", stacklevel=1
         )
-        with EdgeClient(worker_ready["grpc"]) as client:  # new descriptions: generated, streamed and applied anew
+        with EdgeClient(worker_ready["grpc"]) as client:  # new descriptions: made, streamed and applied anew
             client.ask("[7, 8, 9]", task=f"{TASK} Keep the order.", max_new_tokens=4)
             client.ask("dog", task=f"{OTHER_TASK} One word.", max_new_tokens=4, mode="merged")
         scraped_after(time.time())

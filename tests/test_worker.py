@@ -128,7 +128,7 @@ def _count(histogram, **labels) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_a_task_is_generated_fetched_applied_and_then_served_from_the_cache(
+def test_a_tasks_adapter_is_made_fetched_applied_and_then_served_from_the_cache(
     coordinator, start_worker, connect, wires, tmp_path
 ):
     script, target, _ = coordinator
@@ -542,9 +542,9 @@ def test_a_coordinator_that_does_not_answer_is_unavailable_and_its_deadline_refu
     stub = connect(start_worker(coordinator=target, coordinator_timeout=0.5))
     error = rpc_error(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task="no time")))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.details()
-    assert error.details() == "coordinator: a generation takes longer: allow more time"
+    assert error.details() == "coordinator: making this adapter takes longer: allow more time"
 
-    script.gate = threading.Event()  # the generation hangs past the worker's limit on a coordinator call
+    script.gate = threading.Event()  # making the adapter hangs past the worker's limit on a coordinator call
     error = rpc_error(stub.Generate, pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterRef(task=TASK)), timeout=WAIT)
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
     assert "cannot be reached" in error.details()

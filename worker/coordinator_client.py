@@ -129,8 +129,8 @@ def _document_chunks(ref: pb.AdapterRef, dtype: int) -> Iterator[pb.DocumentChun
 
 
 def _refusal_or(exc: grpc.RpcError, elapsed: float, timeout: float) -> grpc.RpcError | RequestError:
-    """What a failed coordinator generation call stands for. Before the call's own deadline, DEADLINE_EXCEEDED is
-    the coordinator's refusal of a generation the time left is too short for, and its message says how much to
+    """What a failed call for an adapter to be made stands for. Before the call's own deadline, DEADLINE_EXCEEDED
+    is the coordinator's refusal to make an adapter the time left is too short for, and its message says how much to
     allow: no sign of a coordinator that cannot be reached."""
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and elapsed < timeout:
         return RequestError(exc.code(), f"coordinator: {exc.details()}")
@@ -172,7 +172,7 @@ class CoordinatorClient:
         return fetch
 
     def describe(self, task: str, context: grpc.ServicerContext) -> pb.AdapterManifest:
-        """The manifest of the adapter the coordinator generates (or has cached) for a task description."""
+        """The manifest of the adapter the coordinator makes (or has cached) for a task description."""
         request = pb.GenerateFromDescriptionRequest(description=task, dtype=self.dtype)
         timeout, start = self._timeout(context), time.perf_counter()
         try:

@@ -6,7 +6,7 @@ The serving path imports no torch: ONNX Runtime, numpy, tokenizers and grpcio (t
 How a request's adapter is found (`AdapterRef`):
 - task / document: a local index (the text's SHA-256, and a document's budget -> the adapter id the coordinator
   answered before) finds a resident adapter with no network call, so those keep working while the coordinator is
-  down; otherwise the coordinator generates (or has cached) it and the worker fetches it. An indexed answer is not
+  down; otherwise the coordinator makes (or has cached) it and the worker fetches it. An indexed answer is not
   re-checked with the coordinator (that would cost a round trip per request): an adapter from a retrained
   hypernetwork, or from a changed default budget, replaces it once the old one is evicted.
 - A document the coordinator internalizes streams its progress to the caller before `started`; a caller that goes
@@ -73,8 +73,8 @@ class WorkerConfig:
     dtype: int = pb.FLOAT16  # of the adapters fetched
     intra_op_threads: int = 0  # ONNX Runtime threads per run; 0: one per physical core
     int8_activations: bool = False  # opt-in, lossy: 4-bit linears with int8 activations (see worker.onnx_session)
-    # Seconds for one coordinator call (generation or transfer), beyond the budget a document names: a document
-    # without one has the coordinator's default budget to fit in this time.
+    # Seconds for one coordinator call (making an adapter, or a transfer), beyond the budget a document names: a
+    # document without one has the coordinator's default budget to fit in this time.
     coordinator_timeout: float = 120.0
     security: ServerSecurity = field(default_factory=ServerSecurity)
 

@@ -73,10 +73,12 @@ class CoordinatorServicer:
     """
 
     def GenerateFromDescription(self, request, context):
-        """A task description becomes an adapter (one hypernetwork pass), or comes from the cache if the same
+        """Makes the adapter of a task description (one hypernetwork pass), or takes it from the cache if the same
         description was asked before. Returns the manifest in the requested dtype; fetch the data with FetchAdapter.
+        In LoraCast "generate" means decoding text (Worker.Generate); this RPC makes an adapter, and keeps its
+        name (and its messages theirs) for wire compatibility.
         Errors: INVALID_ARGUMENT empty or whitespace description, or one over the size limit;
-        RESOURCE_EXHAUSTED too many generations in flight (trailing metadata `retry-after-ms` says when to
+        RESOURCE_EXHAUSTED too many adapters being made (trailing metadata `retry-after-ms` says when to
         retry); FAILED_PRECONDITION no Text-to-LoRA hypernetwork is loaded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -94,7 +96,7 @@ class CoordinatorServicer:
         held in memory only: never written to disk or logs.
         Errors: INVALID_ARGUMENT empty document, bytes that are not UTF-8, a document over the size limit, or a budget
         below 0 or over the coordinator's maximum (the message gives the range);
-        RESOURCE_EXHAUSTED too many generations in flight, or another document is being internalized (one at
+        RESOURCE_EXHAUSTED too many adapters being made, or another document is being internalized (one at
         a time; `retry-after-ms` says when it should end);
         DEADLINE_EXCEEDED the deadline leaves less than the budget plus this coordinator's usual overrun (the
         message says how much to allow), or it passed while the job ran (the job is cancelled);
@@ -357,11 +359,12 @@ class WorkerServicer:
         on a reference that is not a document, or a budget the coordinator refuses;
         NOT_FOUND adapter_id neither resident nor known to the coordinator;
         FAILED_PRECONDITION the adapter was made for another base model, or fails its SHA-256 or id check;
-        DEADLINE_EXCEEDED also when the coordinator refuses a generation the deadline leaves too little time
-        for (the message says how much to allow);
+        DEADLINE_EXCEEDED also when the coordinator refuses to make an adapter the deadline leaves too little
+        time for (the message says how much to allow);
         UNAVAILABLE the adapter is not resident and the coordinator cannot be reached;
-        RESOURCE_EXHAUSTED too many generations in flight (`retry-after-ms` trailing metadata), or the
-        worker's disk is full while storing the adapter (no `retry-after-ms`; nothing half-written is kept).
+        RESOURCE_EXHAUSTED too many answers being decoded here, or adapters being made on the coordinator
+        (`retry-after-ms` trailing metadata), or the worker's disk is full while storing the adapter (no
+        `retry-after-ms`; nothing half-written is kept).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
