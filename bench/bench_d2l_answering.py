@@ -50,14 +50,14 @@ def lifetime_peak_mb() -> float:
 
 def role_internalize(args: argparse.Namespace) -> dict:
     """The coordinator's side: D2L turns the document into an adapter directory."""
-    from hypernet.generate import DocToLoRAGenerator
+    from hypernet.makers import DocToLoRAMaker
     from loracast import base_model
 
     text, _ = the_document(args.tokens, 1)
     base = base_model.load()
-    generator = DocToLoRAGenerator(Path(args.checkpoint), base)
+    maker = DocToLoRAMaker(Path(args.checkpoint), base)
     t0 = time.perf_counter()
-    generator.save(text, Path(args.adapter))
+    maker.save(text, Path(args.adapter))
     return {"internalize_s": time.perf_counter() - t0, "process_peak_mb": lifetime_peak_mb()}
 
 

@@ -33,7 +33,7 @@ from hypernet import checkpoint, d2l_data
 from hypernet.answering import answer
 from hypernet.d2l_data import Document
 from hypernet.eval_t2l import score
-from hypernet.generate import DocToLoRAGenerator
+from hypernet.makers import DocToLoRAMaker
 from hypernet.self_distill import DistillConfig, distill_document, zero_start
 from hypernet.t2l import Adapter
 from hypernet.teacher import teach
@@ -74,13 +74,13 @@ class EvalArgs:
 
 
 class Evaluator:
-    """The loaded base model and D2L generator (its LoRA wrappers), shared by every document set."""
+    """The loaded base model and D2L maker (its LoRA wrappers), shared by every document set."""
 
     def __init__(self, args: EvalArgs) -> None:
         self.args = args
         self.base = base_model.load(args.base)
-        self.generator = DocToLoRAGenerator(args.d2l_path, self.base, distill=args.distill)
-        self.wrappers = self.generator.wrappers
+        self.maker = DocToLoRAMaker(args.d2l_path, self.base, distill=args.distill)
+        self.wrappers = self.maker.wrappers
         self.tok = self.base.tokenizer
 
     def count_tokens(self, text: str) -> int:
@@ -99,13 +99,13 @@ class Evaluator:
 
     def start(self, name: str, doc: Document) -> Callable[[], Adapter]:
         if name == "zero":
-            return lambda: zero_start(self.wrappers, self.generator.spec.r, self.args.distill.seed)
+            return lambda: zero_start(self.wrappers, self.maker.spec.r, self.args.distill.seed)
         if name == "bias":
             return self.bias_adapter
-        return lambda: self.generator.generate(doc.text)
+        return lambda: self.maker.make_adapter(doc.text)
 
     def bias_adapter(self) -> Adapter:
-        hyper = self.generator.hyper
+        hyper = self.maker.hyper
         return {
             (layer, m): (hyper.bias_A[m][layer].detach(), hyper.bias_B[m][layer].detach())
             for m in hyper.bias_A
@@ -124,8 +124,8 @@ class Evaluator:
         for doc in tqdm(docs, desc=f"{name}: (a) (b) (p) (c)"):
             preds["a"].append(self.answers(None, doc))
             preds["b"].append(self.in_context(doc))
-            preds["p"].append(self.answers(self.generator.generate(doc.text), doc))
-            adapter, report = self.internalize(doc, self.generator.budget_for(None, doc.text))
+            preds["p"].append(self.answers(self.maker.make_adapter(doc.text), doc))
+            adapter, report = self.internalize(doc, self.maker.budget_for(None, doc.text))
             adapters.append(adapter)
             reports.append(report)
             preds["c"].append(self.answers(adapter, doc))
@@ -149,9 +149,7 @@ class Evaluator:
             for doc in tqdm(docs, desc=f"needle {length} tokens"):
                 preds["a"].append(self.answers(None, doc))
                 preds["b"].append(self.in_context(doc))
-                preds["c"].append(
-                    self.answers(self.internalize(doc, self.generator.budget_for(None, doc.text))[0], doc)
-                )
+                preds["c"].append(self.answers(self.internalize(doc, self.maker.budget_for(None, doc.text))[0], doc))
             buckets[str(length)] = summarize(preds, docs)
         return {"budget_per_512_tokens_s": a.distill.budget_s, "buckets": buckets}
 

@@ -20,7 +20,7 @@ from rouge_score import rouge_scorer
 from hypernet import checkpoint
 from hypernet.answering import answer
 from hypernet.encoder import DescriptionEncoder
-from hypernet.generate import TextToLoRAGenerator
+from hypernet.makers import TextToLoRAMaker
 from hypernet.sni_data import chat_prompt, user_turn
 from hypernet.sni_splits import eval_tasks
 from hypernet.t2l import Adapter
@@ -89,10 +89,10 @@ def evaluate(
     tasks = eval_tasks(data_dir, split)
     base = base_model.load(base_name)
     tok = base.tokenizer
-    generator = TextToLoRAGenerator(t2l_path, base)
-    wrappers = inject(base.model, generator.spec)
+    maker = TextToLoRAMaker(t2l_path, base)
+    wrappers = inject(base.model, maker.spec)
     fixed = {
-        c: multitask_adapter(path, generator.encoder, described=c == "f")
+        c: multitask_adapter(path, maker.encoder, described=c == "f")
         for c, path in (("c", mtl_path), ("f", described_path))
         if c in chosen
     }
@@ -107,8 +107,8 @@ def evaluate(
             "a": (None, inputs),
             "b": (None, described),
             "c": (fixed.get("c"), inputs),
-            "d": (generator.generate(task.definition), inputs),
-            "e": (generator.generate(other.definition), inputs),
+            "d": (maker.make_adapter(task.definition), inputs),
+            "e": (maker.make_adapter(other.definition), inputs),
             "f": (fixed.get("f"), described),
         }
         per_task[task.name] = {"control_description_from": other.name, "n": len(instances)}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hypernet import d2l_data, probes
-from hypernet.generate import DocToLoRAGenerator, InputError
+from hypernet.makers import DocToLoRAMaker, InputError
 from hypernet.self_distill import (
     Cancelled,
     DistillConfig,
@@ -96,7 +96,7 @@ def test_training_targets_come_from_the_same_teacher(tiny_base):
 
 @pytest.fixture()
 def wrappers(tiny_d2l, tiny_base):
-    return DocToLoRAGenerator(tiny_d2l, tiny_base).wrappers
+    return DocToLoRAMaker(tiny_d2l, tiny_base).wrappers
 
 
 def test_distillation_lowers_the_probe_loss_and_reports_progress_in_phase_order(tiny_base, wrappers):
@@ -181,18 +181,18 @@ def test_the_ceiling_trains_on_the_questions_it_is_given(tiny_base, wrappers):
     assert report.probes == report.taught == 1
 
 
-def test_the_generator_internalizes_within_its_budget_and_refuses_bad_budgets(tiny_d2l, tiny_base):
-    generator = DocToLoRAGenerator(tiny_d2l, tiny_base, distill=TINY)
-    one_pass = generator.generate(DOC)
-    budget0 = generator.internalize(DOC, budget_s=0)
+def test_the_maker_internalizes_within_its_budget_and_refuses_bad_budgets(tiny_d2l, tiny_base):
+    maker = DocToLoRAMaker(tiny_d2l, tiny_base, distill=TINY)
+    one_pass = maker.make_adapter(DOC)
+    budget0 = maker.internalize(DOC, budget_s=0)
     assert all(torch.equal(one_pass[k][0], budget0[k][0]) for k in one_pass)
-    refined = generator.internalize(DOC)
+    refined = maker.internalize(DOC)
     assert any(not torch.equal(one_pass[k][1], refined[k][1]) for k in one_pass)
     for bad in (-1, math.inf, 10**6):
         with pytest.raises(InputError, match="budget"):
-            generator.internalize(DOC, budget_s=bad)
+            maker.internalize(DOC, budget_s=bad)
     with pytest.raises(InputError, match="empty"):
-        generator.internalize("   ")
+        maker.internalize("   ")
 
 
 def test_lora_wrappers_are_left_without_an_adapter(tiny_base, wrappers):
@@ -218,11 +218,11 @@ def test_every_window_gets_its_own_probes(tiny_base, wrappers, monkeypatch):
 
 
 def test_the_default_budget_grows_with_the_document(tiny_d2l, tiny_base):
-    generator = DocToLoRAGenerator(tiny_d2l, tiny_base, distill=replace(TINY, budget_s=10))
+    maker = DocToLoRAMaker(tiny_d2l, tiny_base, distill=replace(TINY, budget_s=10))
     short, long = "A short one.", " ".join(["Another sentence of the long document."] * 400)
-    assert generator.budget_for(None, short) == 10
-    assert generator.budget_for(None, long) > 10 * 2
-    assert generator.budget_for(5, long) == 5  # a budget asked for is kept
+    assert maker.budget_for(None, short) == 10
+    assert maker.budget_for(None, long) > 10 * 2
+    assert maker.budget_for(5, long) == 5  # a budget asked for is kept
 
 
 def test_a_teacher_cut_short_by_its_share_of_the_budget_still_covers_every_window(tiny_base, wrappers, monkeypatch):
