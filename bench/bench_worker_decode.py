@@ -46,25 +46,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import itertools
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from common import PROMPTS, random_attention_adapter, timed
+from common import (
+    INSTALL_LLAMACPP,
+    PROMPTS,
+    BenchError,
+    extra_buffer_types_work,
+    gguf_path,
+    import_llama_cpp,
+    llamacpp_stream,
+    random_attention_adapter,
+    timed,
+    without_extra_buffer_types,
+)
 from tqdm import tqdm
 from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
@@ -84,13 +90,8 @@ if TYPE_CHECKING:
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_JSON = RESULTS / "worker_decode.json"
-INSTALL_LLAMACPP = ".venv/bin/pip install -e '.[bench]'"
 SPEC = LoraSpec(("q_proj", "v_proj"), r=8, alpha=16.0)
 OTHER_SPEC = LoraSpec(("q_proj", "v_proj"), r=4, alpha=8.0)  # the adapter switched away from and back
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot run as asked; the message (one line) says what to install or fix."""
 
 
 class _Clock(BaseStreamer):
@@ -177,80 +178,6 @@ def _median_ms(xs: list[float]) -> float:
     return round(1000 * statistics.median(xs), 2)
 
 
-def _import_llama_cpp() -> ModuleType:
-    """The `llama_cpp` module, or a one-line BenchError saying how to install it."""
-    try:
-        return importlib.import_module("llama_cpp")
-    except (ImportError, OSError, RuntimeError) as e:  # RuntimeError: its shared library did not load
-        raise BenchError(
-            f"the llamacpp mode needs llama-cpp-python ({type(e).__name__}: {e}): run `{INSTALL_LLAMACPP}` "
-            "(builds llama.cpp for this CPU, a few minutes), or pass --no-llamacpp to leave it out"
-        ) from e
-
-
-def _gguf_path() -> Path:
-    """The GGUF file the default base model ships in (what llama.cpp runs)."""
-    return base_model.gguf_dir() / base_model.GGUF_FILE
-
-
-# A prefill in a fresh process: llama.cpp with its extra buffer types (on x86 with AMX: AMX kernels for Q4_1).
-_PROBE = """
-import itertools, sys
-import llama_cpp
-ids = [int(x) for x in sys.argv[3].split(",")]
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=len(ids) + 8, n_threads=int(sys.argv[2]),
-                      n_threads_batch=int(sys.argv[2]), logits_all=False, verbose=False)
-print(list(itertools.islice(llm.generate(ids, top_k=1, temp=0.0), 4)))
-"""
-
-
-def _extra_buffer_types_work(threads: int, prompt: list[int]) -> tuple[bool, str]:
-    """Whether llama.cpp survives a prefill with its extra buffer types, tried in a child process.
-
-    llama-cpp-python 0.3.36 built with GCC 12 on a CPU with AMX crashes (SIGILL at `tilezero`): GCC 12's
-    `_tile_loadconfig` declares that it reads 8 bytes of the tile config, so the stores of the tile shapes are
-    dropped and the tiles are left unconfigured (llama.cpp pull request #26954).
-    """
-    cmd = [sys.executable, "-c", _PROBE, str(_gguf_path()), str(threads), ",".join(map(str, prompt))]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    except subprocess.TimeoutExpired:
-        return False, "the probe timed out"
-    if proc.returncode == 0:
-        return True, "a prefill with them ran"
-    how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit {proc.returncode}"
-    last = proc.stderr.strip().splitlines()[-1:] or [""]
-    return False, f"a prefill with them died ({how}) {last[0]}".strip()
-
-
-@contextlib.contextmanager
-def _without_extra_buffer_types(llama_cpp: ModuleType) -> Iterator[None]:
-    """`Llama(...)` made meanwhile loads its weights into plain CPU buffers (`use_extra_bufts = False`)."""
-    lib = llama_cpp.llama_cpp
-    default = lib.llama_model_default_params
-
-    def params() -> object:
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = params  # what `Llama.__init__` calls
-    try:
-        yield
-    finally:
-        lib.llama_model_default_params = default
-
-
-def _llamacpp_stream(llm: Llama, prompt: list[int], n: int) -> Iterator[int]:
-    """Exactly `n` greedy tokens from llama.cpp (end-of-sequence does not stop `Llama.generate`).
-
-    `reset()` first: with no tokens known, `generate` reuses no prefix of the previous run's KV cache, and its
-    first `eval` drops the whole cache, so every run pays for its prompt like the other modes.
-    """
-    llm.reset()
-    return itertools.islice(llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True), n)
-
-
 def _template_text(model_dir: Path) -> str | None:
     """The chat template of the Hugging Face tokenizer directory, as `ChatTokenizer` finds it."""
     if (model_dir / TEMPLATE_FILE).is_file():
@@ -307,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark, write the JSON to `args.json` and return its dict. Raises BenchError (one line)."""
-    llama_cpp = None if args.no_llamacpp else _import_llama_cpp()  # before minutes of loading, not after
+    llama_cpp = None if args.no_llamacpp else import_llama_cpp()  # before minutes of loading, not after
     if llama_cpp is not None and args.base != base_model.DEFAULT_BASE:
         raise BenchError("llama.cpp runs the GGUF of the default base model only: pass --no-llamacpp with --base")
 
@@ -349,13 +276,13 @@ def run(args: argparse.Namespace) -> dict:
     if llama_cpp is not None:
         n_ctx = max(len(p) for p in prompts) + args.new_tokens + 16
         if args.llamacpp_extra_bufts == "auto":
-            extra_bufts, why = _extra_buffer_types_work(args.threads, max(prompts, key=len))
+            extra_bufts, why = extra_buffer_types_work(args.threads, max(prompts, key=len))
         else:
             extra_bufts, why = args.llamacpp_extra_bufts == "on", f"--llamacpp-extra-bufts {args.llamacpp_extra_bufts}"
         start = time.perf_counter()
-        with contextlib.nullcontext() if extra_bufts else _without_extra_buffer_types(llama_cpp):
+        with contextlib.nullcontext() if extra_bufts else without_extra_buffer_types(llama_cpp):
             llm = llama_cpp.Llama(
-                model_path=str(_gguf_path()),
+                model_path=str(gguf_path()),
                 n_ctx=n_ctx,
                 n_threads=args.threads,
                 n_threads_batch=args.threads,
@@ -372,7 +299,7 @@ def run(args: argparse.Namespace) -> dict:
             **_llamacpp_prompt_check(llm, tokenizer, model_dir, prompts),
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         }
-        modes["llamacpp"] = lambda prompt, n: timed(_llamacpp_stream(llm, prompt, n))
+        modes["llamacpp"] = lambda prompt, n: timed(llamacpp_stream(llm, prompt, n))
     for run_mode in modes.values():  # warm-up: first-run allocations are not what users wait for
         run_mode(prompts[0], 4)
 
